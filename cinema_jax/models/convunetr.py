@@ -1,0 +1,215 @@
+"""ConvUNetR segmentation (and landmark-heatmap) model on the CineMA encoder, SAX 3D and LAX 2D (Flax Linen).
+
+Why UNETR-like with additive skips: the pretrained stem gives 1/4 and 1/8 features, the ViT gives 1/16 tokens; an
+extra strided conv makes a 1/32 level; residual conv adapters (ConvResBlock) bring each level to the decoder width
+and a transposed-conv decoder adds them back level by level (no concatenation), as in the reference. z is never
+down/up-sampled when the factors are (.., .., 1). The 1/2 level has no skip; the full-resolution skip is a
+ConvResBlock on the raw image.
+
+    logits = model.apply({'params': p}, images, train=False, rngs={'dropout': k, 'droppath': k})
+    images {view: (B, X, Y, Z, C) | (B, X, Y, C)} -> {view: (B, X, Y[, Z], out_chans)} float32
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cinema_jax.models.conv_stem import CONV_NORM_EPS, DownsampleEncoder, effective_patch
+from cinema_jax.models.layers import PatchConvTranspose, conv, gelu, layer_norm
+from cinema_jax.models.mae import as_view_dict, per_view
+from cinema_jax.models.patchify import grid_size
+from cinema_jax.models.vit import ViTEncoder
+
+Dtype = Any
+Array = jax.Array
+
+
+def unetr_levels(enc_patch: Sequence[int], enc_scale: Sequence[int], n_conv: int, dec_depth: int,
+                 dec_patch: Sequence[int], dec_scale: Sequence[int]) -> tuple[int, int]:
+    """(decoder levels without skip below the first stem stage, number of extra downsampling convs)."""
+    if n_conv >= dec_depth:
+        raise ValueError(f"{n_conv} stem stages need more than {dec_depth} decoder levels")
+    enc_patch, enc_scale = tuple(enc_patch), tuple(enc_scale)
+    enc_factor = enc_patch
+    for _ in range(n_conv):
+        enc_factor = tuple(a * b for a, b in zip(enc_factor, enc_scale))
+    factor = tuple(dec_patch)
+    no_skip = n_down = None
+    for i in range(dec_depth):
+        if factor == enc_patch:
+            no_skip = i
+        if factor == enc_factor:
+            n_down = dec_depth - 1 - i
+        factor = tuple(a * b for a, b in zip(factor, dec_scale))
+    if no_skip is None or n_down is None:
+        raise ValueError(f"decoder patch {tuple(dec_patch)} x scale {tuple(dec_scale)} cannot reach the encoder "
+                         f"factors {enc_patch} and {enc_factor}")
+    return no_skip, n_down
+
+
+class ConvResBlock(nn.Module):
+    """Pre-activation residual block: LN -> GELU -> conv -> LN -> GELU -> dropout -> conv, + 1x1 shortcut."""
+
+    features: int
+    kernel: int = 3
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        nd = x.ndim - 2
+        cin = x.shape[-1]
+        h = gelu(layer_norm(CONV_NORM_EPS, self.dtype, name="norm1")(x))
+        h = conv(self.features, (self.kernel,) * nd, cin, self.dtype, name="conv1")(h)
+        h = gelu(layer_norm(CONV_NORM_EPS, self.dtype, name="norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train, rng_collection="dropout")(h)
+        h = conv(self.features, (self.kernel,) * nd, self.features, self.dtype, name="conv2")(h)
+        if cin != self.features:
+            x = conv(self.features, (1,) * nd, cin, self.dtype, name="shortcut")(x)
+        return h + x.astype(h.dtype)
+
+
+class DecoderBlock(nn.Module):
+    """Transposed conv (k = s) up, + skip, `n_blocks` ConvResBlocks."""
+
+    features: int
+    up_kernel: tuple[int, ...]
+    n_blocks: int = 2
+    kernel: int = 3
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, skip: Array | None, train: bool = False) -> Array:
+        x = PatchConvTranspose(self.features, self.up_kernel, self.dtype, name="up")(x)
+        if skip is not None:
+            x = x + skip.astype(x.dtype)
+        for j in range(self.n_blocks):
+            x = ConvResBlock(self.features, self.kernel, 0.0, self.dtype, name=f"conv_{j}")(x, train)
+        return x
+
+
+class UpsampleDecoder(nn.Module):
+    chans: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    scale_factor: tuple[int, ...]
+    kernel: int = 3
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, embeddings: list[Array | None], train: bool = False) -> Array:
+        embeddings = list(embeddings)
+        x = embeddings.pop()
+        n = len(self.chans)
+        for i, ch in enumerate(self.chans[::-1]):
+            last = i == n - 1
+            out = ch if last else self.chans[-i - 2]
+            x = DecoderBlock(out, tuple(self.patch_size if last else self.scale_factor), 2, self.kernel, self.dtype,
+                             name=f"blocks_{i}")(x, embeddings.pop(), train)
+        return x
+
+
+class ConvUNetR(nn.Module):
+    """Multi-view ConvUNetR. `dec_patch_size` / `dec_scale_factor`: 3-tuples (LAX uses 2) or per-view mappings."""
+
+    image_sizes: Any
+    out_chans: int = 4
+    patch_size: Any = (4, 4, 1)
+    scale_factor: Any = (2, 2, 1)
+    conv_chans: tuple[int, ...] = (64, 128)
+    conv_n_blocks: int = 2
+    enc_embed_dim: int = 768
+    enc_depth: int = 12
+    enc_n_heads: int = 12
+    dec_chans: tuple[int, ...] = (32, 64, 128, 256, 512)
+    dec_patch_size: Any = (2, 2, 1)
+    dec_scale_factor: Any = (2, 2, 1)
+    dec_kernel_size: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat: str = "none"
+    attention_impl: str | None = None
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return tuple(as_view_dict(self.image_sizes))
+
+    def view_geometry(self, view: str):
+        size = tuple(int(s) for s in as_view_dict(self.image_sizes)[view])
+        nd = len(size)
+        return (size, per_view(self.patch_size, view, nd), per_view(self.scale_factor, view, nd),
+                per_view(self.dec_patch_size, view, nd), per_view(self.dec_scale_factor, view, nd))
+
+    def levels(self) -> tuple[int, int]:
+        found = {unetr_levels(p, s, len(self.conv_chans), len(self.dec_chans), dp, ds)
+                 for _, p, s, dp, ds in (self.view_geometry(v) for v in self.views)}
+        if len(found) != 1:
+            raise ValueError(f"all views must give the same decoder level layout, got {sorted(found)}")
+        return found.pop()
+
+    def setup(self):
+        no_skip, n_down = self.levels()
+        chans = tuple(self.dec_chans)
+        stems, image_blocks, downs, adapters, decoders, heads = {}, {}, {}, {}, {}, {}
+        for v in self.views:
+            size, p, s, dp, ds = self.view_geometry(v)
+            nd = len(size)
+            stems[v] = DownsampleEncoder(size, p, s, tuple(self.conv_chans), self.conv_n_blocks, self.enc_embed_dim,
+                                         self.dtype, self.remat == "full")
+            image_blocks[v] = ConvResBlock(chans[0], self.dec_kernel_size, self.dropout, self.dtype)
+            downs[v] = [conv(self.enc_embed_dim, ds, self.enc_embed_dim, self.dtype, strides=ds, padding="VALID")
+                        for _ in range(n_down)]
+            outs = [chans[no_skip + i] for i in range(len(self.conv_chans))]
+            outs += [chans[no_skip + len(self.conv_chans) + i] for i in range(n_down + 1)]
+            adapters[v] = [ConvResBlock(o, self.dec_kernel_size, self.dropout, self.dtype) for o in outs]
+            decoders[v] = UpsampleDecoder(chans, dp, ds, self.dec_kernel_size, self.dtype)
+            heads[v] = conv(self.out_chans, (1,) * nd, chans[0], self.dtype)
+        self.enc_down = stems
+        self.encoder = ViTEncoder(self.enc_embed_dim, self.enc_depth, self.enc_n_heads, self.mlp_ratio, self.qkv_bias,
+                                  self.norm_eps, self.drop_path, self.dtype, self.remat, self.attention_impl)
+        self.dec_image_conv_block = image_blocks
+        self.dec_down_blocks = downs
+        self.dec_conv_blocks = adapters
+        self.decoder = decoders
+        self.pred_head = heads
+
+    def __call__(self, images: Mapping[str, Array], train: bool = False) -> dict[str, Array]:
+        unknown = [v for v in images if v not in self.views]
+        if unknown:
+            raise ValueError(f"views {unknown} are not configured (model views: {list(self.views)})")
+        views = [v for v in self.views if v in images]
+        if not views:
+            raise ValueError("no input views given")
+        no_skip, _ = self.levels()
+        skips, xs, grids = {}, [], {}
+        for v in views:
+            _, p, s, _, _ = self.view_geometry(v)
+            grids[v] = grid_size(images[v].shape[1:-1], effective_patch(p, s, len(self.conv_chans)))
+            skips[v], x = self.enc_down[v](images[v], None)
+            xs.append(x)
+        x = self.encoder(jnp.concatenate(xs, axis=1), train)
+        out = {}
+        start = 1
+        for v in views:
+            n = math.prod(grids[v])
+            level = x[:, start:start + n].reshape((x.shape[0],) + grids[v] + (x.shape[-1],))
+            start += n
+            feats = list(skips[v]) + [level]
+            for down in self.dec_down_blocks[v]:
+                level = down(level)
+                feats.append(level)
+            emb: list[Array | None] = [self.dec_image_conv_block[v](images[v].astype(self.dtype), train)]
+            emb += [None] * no_skip
+            emb += [blk(f, train) for blk, f in zip(self.dec_conv_blocks[v], feats)]
+            y = self.decoder[v](emb, train)
+            out[v] = self.pred_head[v](y).astype(jnp.float32)
+        return out

@@ -1,0 +1,252 @@
+"""Building blocks shared by the CineMA models (Flax Linen, channel-last).
+
+Why Linen: every model here is a pure function of a `params` pytree, so weight conversion from the PyTorch reference,
+logical-axis sharding (`nn.with_logical_partitioning`), Orbax checkpoints, encoder surgery and layer-wise lr decay
+are plain pytree operations (docs/design.md).
+
+Numerics follow the reference: exact (erf) GELU, LayerNorm with the two-pass variance (eps 1e-5 in transformers,
+1e-6 in conv blocks), xavier-uniform Linear layers with zero bias, PyTorch-default conv init (uniform with bound
+1/sqrt(fan_in) for kernel and bias), attention with a separate `q` projection and a fused `kv` projection (k first,
+then v) and scale head_dim**-0.5 computed by `jax.nn.dot_product_attention` so cuDNN/flash kernels can be chosen.
+Because the layout is channel-last, a "channel LayerNorm" is an ordinary LayerNorm over the last axis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Array = jax.Array
+
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+# Counter-based initializers. Why: on XLA:CPU every `jax.random.uniform/normal` call compiles its own unrolled
+# threefry (~0.15 s each on 2 cores), so the ~200 parameters of even a tiny CineMA took 20+ s just to compile
+# `model.init`. These draw the same distributions from an integer hash of (per-parameter key, element index):
+# a handful of elementwise ops that compile in milliseconds. Parameter keys still come from Flax's 'params' stream.
+def _mix32(x: Array) -> Array:
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _unit_uniform(key: Array, n: int, stream: int = 0) -> Array:
+    """n floats in [0, 1) (24-bit) from a hash of the key and the element index."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    words = jnp.asarray(key).reshape(-1).astype(jnp.uint32)
+    seed = jnp.uint32((0x9E3779B9 + stream * 0x632BE5AB) & 0xFFFFFFFF)
+    for i in range(words.shape[0]):
+        seed = _mix32(seed ^ words[i])
+    bits = _mix32(_mix32(jax.lax.iota(jnp.uint32, n) ^ seed) + seed * jnp.uint32(0x27D4EB2F))
+    return (bits >> 8).astype(jnp.float32) * (1.0 / 16777216.0)
+
+
+def uniform_init(low: float, high: float):
+    def init(key, shape, dtype=jnp.float32):
+        u = _unit_uniform(key, math.prod(shape)).reshape(shape)
+        return (low + (high - low) * u).astype(dtype)
+
+    return init
+
+
+def normal_init(std: float):
+    """N(0, std^2) by Box-Muller from two hashed uniform streams."""
+
+    def init(key, shape, dtype=jnp.float32):
+        n = math.prod(shape)
+        u1 = 1.0 - _unit_uniform(key, n, 1)  # (0, 1]
+        u2 = _unit_uniform(key, n, 2)
+        z = jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * jnp.pi * u2)
+        return (std * z).reshape(shape).astype(dtype)
+
+    return init
+
+
+def xavier_uniform(key, shape, dtype=jnp.float32):
+    """Glorot uniform for a (in, out) Dense kernel: bound sqrt(6 / (fan_in + fan_out))."""
+    fan_in = math.prod(shape[:-1])
+    fan_out = shape[-1]
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return uniform_init(-bound, bound)(key, shape, dtype)
+
+
+def boxed(init, names: tuple):
+    """Annotate an initializer with logical axis names (design.md)."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def torch_conv_bias_init(fan_in: int):
+    """PyTorch default Conv init (kaiming_uniform(a=sqrt(5)) kernel and bias): uniform(+-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return uniform_init(-bound, bound)
+
+
+def gelu(x: Array) -> Array:
+    return nn.gelu(x, approximate=False)
+
+
+def dense(features: int, names: tuple, dtype: Dtype = jnp.float32, use_bias: bool = True,
+          name: str | None = None) -> nn.Dense:
+    """Linear layer with xavier-uniform kernel, zero bias and logical names (in_name, out_name)."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=boxed(xavier_uniform, names), bias_init=boxed(zeros, (None,)), name=name)
+
+
+def layer_norm(eps: float, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the last (channel) axis, reference-exact (two-pass variance)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+                        scale_init=boxed(ones, (None,)), bias_init=boxed(zeros, (None,)), name=name)
+
+
+def conv(features: int, kernel: Sequence[int], in_features: int, dtype: Dtype = jnp.float32,
+         strides: Sequence[int] | None = None, padding: str = "SAME", groups: int = 1,
+         name: str | None = None) -> nn.Conv:
+    """N-D conv (channel-last) with PyTorch-default init and logical names (spatial None, conv_in, conv_out)."""
+    kernel = tuple(int(k) for k in kernel)
+    fan_in = (in_features // groups) * math.prod(kernel)
+    spatial = (None,) * len(kernel)
+    return nn.Conv(features, kernel, strides=tuple(strides) if strides is not None else 1, padding=padding,
+                   feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32,
+                   kernel_init=boxed(torch_conv_bias_init(fan_in), spatial + ("conv_in", "conv_out")),
+                   bias_init=boxed(torch_conv_bias_init(fan_in), (None,)), name=name)
+
+
+class PatchConvTranspose(nn.Module):
+    """Transposed conv with kernel == stride (non-overlapping), as the reference's ConvTranspose(k=s).
+
+    Each input voxel is expanded into one output block: y[b, i*s+p, ...] = sum_c x[b, i, ..., c] W[p, ..., c, o] + b.
+    Kernel layout (k..., in, out); the converter maps the PyTorch (in, out, k...) weight by a plain transpose.
+    """
+
+    features: int
+    kernel: tuple[int, ...]
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = tuple(int(v) for v in self.kernel)
+        nd = len(k)
+        cin = x.shape[-1]
+        # PyTorch ConvTranspose init: fan_in is computed from weight.size(1) * prod(k) = out_chans * prod(k).
+        fan_in = self.features * math.prod(k)
+        spatial = (None,) * nd
+        w = self.param("kernel", boxed(torch_conv_bias_init(fan_in), spatial + ("conv_in", "conv_out")),
+                       k + (cin, self.features), jnp.float32)
+        b = self.param("bias", boxed(torch_conv_bias_init(fan_in), (None,)), (self.features,), jnp.float32)
+        x = x.astype(self.dtype)
+        w = jnp.asarray(w, self.dtype)
+        batch = x.shape[0]
+        grid = x.shape[1:-1]
+        letters = "xyzw"[:nd]
+        klet = "pqrs"[:nd]
+        spec = f"n{letters}c,{klet}co->n" + "".join(a + b_ for a, b_ in zip(letters, klet)) + "o"
+        y = jnp.einsum(spec, x, w)
+        y = y.reshape((batch,) + tuple(g * kk for g, kk in zip(grid, k)) + (self.features,))
+        return y + jnp.asarray(b, self.dtype)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm DropPath), rng stream 'droppath'."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        if deterministic or self.rate <= 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng("droppath"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Mlp(nn.Module):
+    """Transformer MLP: fc1 (embed->mlp), exact GELU, fc2 (mlp->embed)."""
+
+    hidden: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        x = dense(self.hidden, ("embed", "mlp"), self.dtype, name="fc1")(x)
+        x = gelu(x)
+        return dense(d, ("mlp", "embed"), self.dtype, name="fc2")(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a separate q projection and a fused kv projection (k first, then v).
+
+    `kv_input=None` is self-attention; otherwise queries attend to `kv_input` (cross-attention, CrossMAE decoder).
+    """
+
+    n_heads: int
+    qkv_bias: bool = True
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, kv_input: Array | None = None) -> Array:
+        if kv_input is None:
+            kv_input = x
+        batch, n_q, dim = x.shape
+        n_k = kv_input.shape[1]
+        if dim % self.n_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by n_heads {self.n_heads}")
+        hd = dim // self.n_heads
+        q = nn.Dense(dim, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=jnp.float32,
+                     kernel_init=boxed(xavier_uniform, ("embed", "heads")), bias_init=boxed(zeros, (None,)),
+                     name="q")(x)
+        kv = nn.Dense(2 * dim, use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=jnp.float32,
+                      kernel_init=boxed(xavier_uniform, ("embed", "kv")), bias_init=boxed(zeros, (None,)),
+                      name="kv")(kv_input)
+        q = q.reshape(batch, n_q, self.n_heads, hd)
+        kv = kv.reshape(batch, n_k, 2, self.n_heads, hd)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        out = out.reshape(batch, n_q, dim)
+        return dense(dim, ("heads", "embed"), self.dtype, name="proj")(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: q += Attn(LN(q), kv); q += MLP(LN(q)); keys are NOT normalised (reference)."""
+
+    n_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-5
+    drop_path: float = 0.0
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, kv_input: Array | None = None, deterministic: bool = True) -> Array:
+        dim = x.shape[-1]
+        h = layer_norm(self.norm_eps, self.dtype, name="norm1")(x)
+        h = Attention(self.n_heads, self.qkv_bias, self.dtype, self.attention_impl, name="attn")(h, kv_input)
+        x = x + DropPath(self.drop_path, name="drop_path1")(h, deterministic)
+        h = layer_norm(self.norm_eps, self.dtype, name="norm2")(x)
+        h = Mlp(int(dim * self.mlp_ratio), self.dtype, name="mlp")(h)
+        x = x + DropPath(self.drop_path, name="drop_path2")(h, deterministic)
+        return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+
+
+def block_class(remat: str):
+    """Transformer block class, wrapped in `nn.remat` for remat 'block' / 'full' (recompute in backward)."""
+    if remat in ("block", "full"):
+        # argument 0 is the module itself: (self, x, kv_input, deterministic)
+        return nn.remat(Block, static_argnums=(3,))
+    if remat not in ("none", "", None):
+        raise ValueError(f"remat must be 'none', 'block' or 'full', got {remat!r}")
+    return Block
