@@ -1,0 +1,219 @@
+"""Denoise a user's cine series with a trained SNRAware model.
+
+Inputs: a DICOM series (directory or .dcm files), NIfTI magnitude (.nii/.nii.gz, (x, y[, z], t)), or complex arrays
+(.npy; .h5 with a dataset 'image' or a single dataset), layout (x, y[, z], t). Optional g-map (same formats,
+(x, y[, z]) or with t) in the same matrix.
+
+Assumptions when there is no calibration (documented in the summary JSON): g = 1 everywhere unless a g-map is given,
+and the noise std is estimated from the image background (`cinema_jax.data.noise.estimate_noise_sigma`, Rayleigh
+statistics in air; magnitude data treated as Rician). The series is divided by that sigma to put it in SNR units,
+denoised slice by slice (all frames at once), and scaled back to the input's intensity units.
+
+Outputs (written atomically into `output`, which must not already hold files): the denoised series in the input's
+format and geometry (DICOM input -> `denoised.nii.gz` with the DICOM geometry, since we do not write DICOM;
+NIfTI -> `denoised.nii.gz` with the input affine; .npy / .h5 -> same format, complex when the input was complex),
+`before_after.png` (middle slice, first frame), `frames.gif` (noisy | denoised over frames) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cinema_jax.errors import CinemaError, DataError
+
+
+def _load_array_file(path: Path) -> np.ndarray:
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix in (".h5", ".hdf5"):
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                names = []
+                f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+                name = "image" if "image" in f else (names[0] if len(names) == 1 else None)
+                if name is None:
+                    raise DataError(f"{path}: expected a dataset 'image' or a single dataset, found {names}")
+                return np.asarray(f[name])
+    except CinemaError:
+        raise
+    except Exception as e:  # unreadable / truncated file
+        raise DataError(f"cannot read {path}: {e}") from e
+    raise DataError(f"{path}: unsupported file type (use DICOM, .nii/.nii.gz, .npy or .h5)")
+
+
+def read_input(path) -> dict:
+    """-> dict(array (x, y, z, t) complex64 or float32, affine, spacing, format, complex)."""
+    from cinema_jax.data import io
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input {path} does not exist")
+    name = path.name.lower()
+    if path.is_dir() or name.endswith(".dcm"):
+        vol = io.read_dicom_series(path)
+        arr, fmt, affine, spacing = vol.array, "dicom", vol.affine, vol.spacing
+    elif name.endswith(".nii") or name.endswith(".nii.gz"):
+        vol = io.read_nifti(path, ndim=(3, 4))
+        arr, fmt, affine, spacing = vol.array, "nifti", vol.affine, vol.spacing
+    else:
+        arr = _load_array_file(path)
+        fmt, affine, spacing = ("npy" if path.suffix == ".npy" else "h5"), None, None
+    arr = np.asarray(arr)
+    if arr.ndim == 3:
+        arr = arr[:, :, None, :]
+    if arr.ndim != 4:
+        raise DataError(f"{path}: expected (x, y, t) or (x, y, z, t), got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.number)) or not np.all(np.isfinite(arr)):
+        raise DataError(f"{path}: array must be numeric and finite")
+    if min(arr.shape[:2]) < 8:
+        raise DataError(f"{path}: image {arr.shape[:2]} is too small (need >= 8 x 8 pixels)")
+    cplx = np.iscomplexobj(arr)
+    return dict(array=arr.astype(np.complex64 if cplx else np.float32), affine=affine, spacing=spacing, format=fmt,
+                complex=cplx)
+
+
+def _read_gmap(path, shape) -> np.ndarray:
+    from cinema_jax.data import io
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"g-map {path} does not exist")
+    name = path.name.lower()
+    g = io.read_nifti(path).array if (name.endswith(".nii") or name.endswith(".nii.gz")) else _load_array_file(path)
+    g = np.abs(np.asarray(g, np.float64 if not np.iscomplexobj(g) else np.complex128)).astype(np.float32)
+    x, y, z, t = shape
+    if g.shape[:2] != (x, y):
+        raise DataError(f"g-map {path}: shape {g.shape} does not match the image (x, y) = {(x, y)}")
+    if g.ndim == 2:
+        g = g[:, :, None, None]
+    elif g.ndim == 3:
+        g = g[:, :, :, None] if g.shape[2] == z else g[:, :, None, :]
+    try:
+        g = np.broadcast_to(g, shape).astype(np.float32)
+    except ValueError as e:
+        raise DataError(f"g-map {path}: shape {g.shape} cannot broadcast to {shape}") from e
+    if not np.all(np.isfinite(g)) or g.min() <= 0:
+        raise DataError(f"g-map {path}: values must be finite and > 0")
+    return np.maximum(g, 1.0)
+
+
+def _load_model(ckpt):
+    """-> (model, params, config) from a training workdir or checkpoint dir."""
+    from cinema_jax.tasks.denoise import TASK
+
+    try:
+        from cinema_jax.train.checkpoint import load_params
+    except ImportError as e:
+        raise CinemaError("checkpoint loading is unavailable (cinema_jax.train.checkpoint missing)") from e
+    params, config = load_params(ckpt)
+    return TASK.make_model(config), params, config
+
+
+def _pad_multiple(config) -> int:
+    m = config.model
+    from cinema_jax.models.imaging_transformer import SIZES
+
+    levels = len(tuple(m.block_str) or SIZES[m.size]["block_str"])
+    window = max(tuple(m.window)) if m.size != "tiny" else max(SIZES["tiny"]["window"])
+    return int(window * 2 ** (levels - 1))
+
+
+def denoise_array(model, params, config, series: np.ndarray, gmap: np.ndarray) -> np.ndarray:
+    """Denoise one (x, y, t) complex series in SNR units -> complex (x, y, t), padding x/y to the model's tiling."""
+    import jax
+
+    from cinema_jax.tasks.denoise import to_model_units
+
+    x, y, t = series.shape
+    mult = _pad_multiple(config)
+    px, py = (-x) % mult, (-y) % mult
+    pad = ((0, px), (0, py), (0, 0))
+    s = np.pad(series, pad, mode="reflect" if (px < x and py < y) else "edge")
+    g = np.pad(gmap, pad, mode="edge")
+    image, scale = to_model_units(s, g, config)
+    fn = jax.jit(lambda p, v: model.apply({"params": p}, v, train=False))
+    out = np.asarray(fn(params, image[None]))[0] * scale
+    return (out[..., 0] + 1j * out[..., 1])[:x, :y].astype(np.complex64)
+
+
+def _panel(mag: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.clip((mag - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = False) -> dict:
+    """Denoise `input` with the model in `ckpt`, write results into the directory `output`; returns the summary.
+
+    `model_bundle` = (model, params, config) skips checkpoint loading (tests, notebooks).
+    """
+    from cinema_jax import viz
+    from cinema_jax.data import io
+    from cinema_jax.data.noise import estimate_noise_sigma
+    from cinema_jax.fileutil import atomic_dir
+
+    t0 = time.time()
+    data = read_input(input)
+    arr = data["array"]
+    g = _read_gmap(gmap, arr.shape) if gmap is not None else np.ones(arr.shape, np.float32)
+    model, params, config = model_bundle if model_bundle is not None else _load_model(ckpt)
+    mag = np.abs(arr)
+    sigma = float(estimate_noise_sigma(mag))
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise DataError(f"{input}: could not estimate the noise level from the background")
+    out = np.empty(arr.shape, np.complex64)
+    for z in range(arr.shape[2]):
+        out[:, :, z] = denoise_array(model, params, config, arr[:, :, z].astype(np.complex64) / sigma, g[:, :, z])
+    out *= sigma
+    result = out if data["complex"] else np.abs(out).astype(np.float32)
+    zmid = arr.shape[2] // 2
+    before, after = mag[:, :, zmid], np.abs(out[:, :, zmid])
+    hi = float(np.percentile(before, 99.5))
+    summary = dict(input=str(input), format=data["format"], shape=list(arr.shape), complex_input=data["complex"],
+                   noise_sigma=sigma, noise_sigma_units="input intensity units (std per real/imag channel)",
+                   gmap="given" if gmap is not None else "assumed 1 everywhere",
+                   noise_estimate="background Rayleigh fit (cinema_jax.data.noise.estimate_noise_sigma)",
+                   median_snr_input=float(np.median(before[before > np.percentile(before, 75)]) / sigma),
+                   checkpoint=str(ckpt), seconds=0.0)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        if data["format"] in ("dicom", "nifti"):
+            aff = data["affine"]
+            vol = result[:, :, 0] if (data["format"] == "nifti" and arr.shape[2] == 1) else result
+            io.write_nifti(tmp / "denoised.nii.gz", np.asarray(vol, np.float32), affine=aff)
+            summary["output"] = "denoised.nii.gz" + (" (NIfTI with the DICOM geometry)" if data["format"] == "dicom"
+                                                     else "")
+        elif data["format"] == "npy":
+            np.save(tmp / "denoised.npy", result[:, :, 0] if arr.shape[2] == 1 else result)
+            summary["output"] = "denoised.npy"
+        else:
+            import h5py
+
+            with h5py.File(tmp / "denoised.h5", "w") as f:
+                f.create_dataset("image", data=result[:, :, 0] if arr.shape[2] == 1 else result)
+            summary["output"] = "denoised.h5"
+        viz.save_png(tmp / "before_after.png",
+                     viz.image_grid([[_panel(before[..., 0], 0, hi), _panel(after[..., 0], 0, hi)]],
+                                    titles=[f"input | denoised (sigma {sigma:.3g})"]))
+        frames = [viz.image_grid([[_panel(before[..., k], 0, hi), _panel(after[..., k], 0, hi)]])
+                  for k in range(arr.shape[3])]
+        viz.save_gif(tmp / "frames.gif", frames)
+        summary["seconds"] = round(time.time() - t0, 2)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--ckpt", required=True, help="training workdir or checkpoint directory")
+    parser.add_argument("--input", required=True, help="DICOM dir/file, .nii/.nii.gz, .npy or .h5 (x, y[, z], t)")
+    parser.add_argument("--output", required=True, help="output directory (created; must not hold files)")
+    parser.add_argument("--gmap", default=None, help="optional g-factor map (x, y[, z][, t]); default g = 1")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def run_from_args(args) -> dict:
+    return run(args.ckpt, args.input, args.output, gmap=args.gmap, overwrite=bool(getattr(args, "overwrite", False)))

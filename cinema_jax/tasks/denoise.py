@@ -1,0 +1,373 @@
+"""SNRAware denoising task: synthetic complex cine -> SNR-unit noisy input + g-map -> denoised complex image.
+
+Records are light (phantom seed, subject index, view, slice); `transform` renders the clean complex 2D+T slice
+(cached per process), synthesises the noise (`cinema_jax.data.noise`) and crops. Sample layout (no batch dim):
+'image' (X, Y, T, 3) float32 = real, imag, g-map (model input, model units); 'target' (X, Y, T, 2) float32 clean
+real/imag in model units; 'clean', 'noisy' (X, Y, T, 2) in SNR units; 'scale' () float32: model units -> SNR units.
+With `noise.snr_unit` (default) model units are SNR units and scale = 1; the ablation divides each sample by its
+99th-percentile noisy magnitude instead (the model must then infer the noise level). Evaluation (train=False) always
+draws the full pipeline (coil g-maps, SNR units) so every ablation is scored on the same held-out samples; a
+no-g-map model gets g = 1 in its input channel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from cinema_jax.data import noise as noise_lib
+
+try:  # the shared base class (train owner); the protocol is duck-typed, so the task works without it
+    from cinema_jax.tasks.base import Task as _TaskBase
+except ImportError:  # pragma: no cover - only while base.py is absent
+    _TaskBase = object
+
+FOV_MM = 256.0
+SNR_NORM_PERCENTILE = 99.0
+
+
+def _cfg_get(cfg, key, default=None):
+    try:
+        return cfg[key] if key in cfg else default
+    except TypeError:
+        return getattr(cfg, key, default)
+
+
+@functools.lru_cache(maxsize=64)
+def render_slice(seed: int, index: int, view: str, slice_index: int, size: tuple, n_frames: int) -> np.ndarray:
+    """Clean complex phantom slice (X, Y, T) complex64, magnitude <= 1; cached per process (records are re-read)."""
+    from cinema_jax.data import phantom
+
+    nx, ny = size
+    pcfg = phantom.PhantomConfig(lax_size=(nx, ny), lax_spacing=(FOV_MM / nx, FOV_MM / ny), sax_size=(nx, ny),
+                                 sax_spacing=(FOV_MM / nx, FOV_MM / ny, 10.0), n_frames=n_frames)
+    sub = phantom.sample_subject(seed, index, pcfg)
+    out = phantom.render(sub, views=(view,), cfg=pcfg, labels=False, complex_image=True)[f"{view}_complex"]
+    if view == "sax":
+        out = out[..., slice_index]
+    return np.ascontiguousarray(np.moveaxis(out, 0, -1)).astype(np.complex64)  # (T, X, Y) -> (X, Y, T)
+
+
+def noise_config(config, train: bool) -> dict:
+    """Noise config for a sample: the config's `noise` for training; the full method for evaluation."""
+    cfg = noise_lib.merge_config(dict(config.noise) if hasattr(config, "noise") else {})
+    if not train:
+        cfg["gmap_augment"], cfg["snr_unit"] = True, True
+    return cfg
+
+
+def to_model_units(noisy: np.ndarray, gmap: np.ndarray, config) -> tuple[np.ndarray, float]:
+    """SNR-unit complex (X, Y, T) + g-map -> model input (X, Y, T, 3) and the scale back to SNR units."""
+    gmap_on = bool(config.noise.get("gmap_augment", True))
+    snr_unit = bool(config.noise.get("snr_unit", True))
+    scale = 1.0
+    if not snr_unit:
+        scale = float(np.percentile(np.abs(noisy), SNR_NORM_PERCENTILE)) or 1.0
+    g = gmap if gmap_on else np.ones_like(gmap)
+    x = noisy / scale
+    return np.stack([x.real, x.imag, g], axis=-1).astype(np.float32), scale
+
+
+def _two(x: np.ndarray) -> np.ndarray:
+    return np.stack([x.real, x.imag], axis=-1).astype(np.float32)
+
+
+def _crop_starts(shape, crop, rng: np.random.Generator | None):
+    starts = []
+    for n, c in zip(shape, crop):
+        c = min(c, n)
+        starts.append(int(rng.integers(0, n - c + 1)) if rng is not None else (n - c) // 2)
+    return starts
+
+
+class DenoiseTask(_TaskBase):
+    """Task protocol implementation for SNRAware denoising (see module docstring for the sample layout)."""
+
+    name = "denoise"
+    eval_metric = "psnr"
+    eval_mode = "max"
+
+    # ---------------------------------------------------------------------------------------- model
+    def make_model(self, config):
+        import jax.numpy as jnp
+
+        from cinema_jax.models.imaging_transformer import make_model
+
+        m = config.model
+        over = dict(block_str=tuple(m.block_str) or None, width=m.width or None, heads=m.heads or None,
+                    window=tuple(m.window), patch=tuple(m.patch), mixer_ratio=m.mixer_ratio, drop_path=m.drop_path)
+        if m.size == "tiny":  # tiny keeps its own window/patch unless the config changes them from the defaults
+            over.pop("window") if tuple(m.window) == (8, 8) else None
+            over.pop("patch") if tuple(m.patch) == (4, 4) else None
+        dtype = jnp.bfloat16 if _cfg_get(config, "precision", "float32") == "bfloat16" else jnp.float32
+        return make_model(m.size, backbone=m.backbone, dtype=dtype, remat=_cfg_get(config, "remat", "none"), **over)
+
+    # ---------------------------------------------------------------------------------------- data
+    def records(self, config, split: str) -> list[dict]:
+        d = config.data
+        n = int(d.n_subjects[split])
+        seed = int(config.seed) + {"train": 0, "val": 1000, "test": 2000}[split]
+        out = []
+        for i in range(n):
+            for view in d.views:
+                if view == "sax":
+                    for k in range(int(d.sax_slices)):
+                        out.append(dict(seed=seed, index=i, view=view, slice=3 + 2 * k))
+                else:
+                    out.append(dict(seed=seed, index=i, view=view, slice=0))
+        return out
+
+    def source(self, config, split: str):
+        import grain
+
+        if split not in ("train", "val", "test"):
+            from cinema_jax.errors import ConfigError
+
+            raise ConfigError(f"unknown split {split!r}; use train, val or test")
+        return grain.MapDataset.source(self.records(config, split))
+
+    def transform(self, record, rng: np.random.Generator, config, train: bool) -> dict[str, np.ndarray]:
+        d = config.data
+        clean = render_slice(int(record["seed"]), int(record["index"]), str(record["view"]), int(record["slice"]),
+                             tuple(int(v) for v in d.image_size), int(d.n_frames))
+        if train and d.flip:
+            if rng.random() < 0.5:
+                clean = clean[::-1]
+            if rng.random() < 0.5:
+                clean = clean[:, ::-1]
+        crop = tuple(int(v) for v in (d.crop if train else d.eval_crop))
+        if clean.shape[2] < crop[2]:  # short series: repeat frames cyclically
+            clean = np.concatenate([clean] * math.ceil(crop[2] / clean.shape[2]), axis=2)
+        out = noise_lib.synthesize(np.ascontiguousarray(clean), rng, noise_config(config, train))
+        sx, sy, st = _crop_starts(out["noisy"].shape, crop, rng if train else None)
+        sl = (slice(sx, sx + crop[0]), slice(sy, sy + crop[1]), slice(st, st + crop[2]))
+        noisy, cl, g = out["noisy"][sl], out["clean"][sl], out["gmap"][sl]
+        if train and rng.random() < float(d.frame_shuffle_prob):
+            order = rng.permutation(noisy.shape[2])
+            noisy, cl, g = noisy[..., order], cl[..., order], g[..., order]
+        if train and not config.noise.get("snr_unit", True):
+            scale = float(np.percentile(np.abs(noisy), SNR_NORM_PERCENTILE)) or 1.0
+            image = np.stack([noisy.real / scale, noisy.imag / scale, g], -1).astype(np.float32)
+            noisy, cl = noisy / scale, cl / scale  # ablation: 'SNR units' of this sample are its own scale
+            scale = 1.0
+            target = _two(cl)
+        else:
+            image, scale = to_model_units(noisy, g, config)
+            target = _two(cl / scale)
+        return dict(image=image, target=target, clean=_two(cl), noisy=_two(noisy),
+                    scale=np.float32(scale), sigma=np.float32(out["sigma"]))
+
+    def example_batch(self, config, batch_size: int) -> dict[str, np.ndarray]:
+        cx, cy, ct = (int(v) for v in config.data.crop)
+        z = lambda c: np.zeros((batch_size, cx, cy, ct, c), np.float32)
+        return dict(image=z(3), target=z(2), clean=z(2), noisy=z(2), scale=np.ones((batch_size,), np.float32),
+                    sigma=np.ones((batch_size,), np.float32))
+
+    def model_inputs(self, batch) -> dict:
+        return {"image": batch["image"]}
+
+    # ---------------------------------------------------------------------------------------- loss
+    def loss(self, model, params, batch, rng, train: bool, weights=None):
+        import jax
+
+        rngs = {"droppath": jax.random.fold_in(rng, 1), "dropout": jax.random.fold_in(rng, 2)} if train else {}
+        pred = model.apply({"params": params}, batch["image"], train=train, rngs=rngs)
+        w = weights if weights is not None else getattr(self, "_loss_weights", None)
+        total, parts = combined_loss(pred, batch["target"], dict(w or DEFAULT_LOSS_WEIGHTS))
+        return total, parts
+
+    def configure(self, config):
+        """Remember the loss weights of `config.loss` (the loop calls `loss` without the config)."""
+        self._loss_weights = dict(config.loss) if hasattr(config, "loss") else None
+        return self
+
+    # ---------------------------------------------------------------------------------------- eval
+    def predict(self, model, params, image):
+        """Jitted forward (cached per model); image (B, X, Y, T, 3) -> (B, X, Y, T, 2)."""
+        import jax
+
+        key = id(model)
+        fns = self.__dict__.setdefault("_predict_fns", {})
+        if key not in fns:
+            fns[key] = (model, jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)))
+        return np.asarray(fns[key][1](params, image))
+
+    def evaluate(self, model, params, batches, config) -> dict[str, float]:
+        from cinema_jax.metrics.image import magnitude, psnr, ssim
+
+        rows = []
+        for batch in batches:
+            pred = self.predict(model, params, np.asarray(batch["image"]))
+            scale = np.asarray(batch["scale"]).reshape(-1)
+            for i in range(pred.shape[0]):
+                ref = magnitude(batch["clean"][i], True)
+                out = magnitude(pred[i] * scale[i], True)
+                noisy = magnitude(batch["noisy"][i], True)
+                rng_ = float(ref.max())
+                rows.append((psnr(out, ref, rng_), ssim(out, ref), psnr(noisy, ref, rng_), ssim(noisy, ref)))
+        if not rows:
+            return {}
+        r = np.asarray(rows).mean(axis=0)
+        return dict(psnr=float(r[0]), ssim=float(r[1]), psnr_noisy=float(r[2]), ssim_noisy=float(r[3]),
+                    psnr_gain=float(r[0] - r[2]), ssim_gain=float(r[1] - r[3]), n=float(len(rows)))
+
+    def eval_batches(self, config, split: str = "val", batch_size: int = 2, seed: int = 1234):
+        """Deterministic held-out batches (full noise pipeline, fixed per-record rng) for benchmarks and tests."""
+        recs = self.records(config, split)
+        samples = [self.transform(r, np.random.default_rng([seed, i]), config, train=False) for i, r in enumerate(recs)]
+        for s in range(0, len(samples), batch_size):
+            chunk = samples[s:s + batch_size]
+            yield {k: np.stack([c[k] for c in chunk]) for k in chunk[0]}
+
+    def visualize(self, model, params, batch, rng, path) -> None:
+        from cinema_jax import viz
+        from cinema_jax.metrics.image import magnitude
+
+        pred = self.predict(model, params, np.asarray(batch["image"][:1]))[0] * float(np.asarray(batch["scale"])[0])
+        t = 0
+        panels = [magnitude(batch["noisy"][0], True)[..., t], magnitude(pred, True)[..., t],
+                  magnitude(batch["clean"][0], True)[..., t], np.asarray(batch["image"][0][..., t, 2])]
+        viz.save_png(path, viz.image_grid([panels], titles=["noisy | denoised | clean | g-map"]))
+
+
+# ------------------------------------------------------------------------------------------------------------ losses
+# The reference sums MSE, perpendicular, VGG perceptual, Charbonnier and 3-D Gaussian-derivative losses with weight 1.
+# Perceptual (ImageNet VGG) is replaced by a magnitude SSIM term (no pretrained VGG here). Inputs (B, X, Y, T, 2).
+DEFAULT_LOSS_WEIGHTS = dict(mse=1.0, charbonnier=1.0, perpendicular=1.0, gaussian3d=1.0, ssim=1.0)
+
+
+def _mag(x):
+    import jax.numpy as jnp
+
+    return jnp.sqrt(x[..., 0] ** 2 + x[..., 1] ** 2 + 1e-12)
+
+
+def charbonnier_loss(pred, target, eps=1e-3):
+    """Complex Charbonnier: mean sqrt(|pred - target|^2 + eps^2)."""
+    import jax.numpy as jnp
+
+    d = pred - target
+    return jnp.mean(jnp.sqrt(d[..., 0] ** 2 + d[..., 1] ** 2 + eps * eps))
+
+
+def perpendicular_loss(pred, target):
+    """Phase-aware loss: distance of the target from the line through the prediction (|cross| / |pred|) when the
+    two point the same way (cos angle >= 0), else 2|target| - that distance (penalises phase flips)."""
+    import jax.numpy as jnp
+
+    eps = 1e-6
+    cross = jnp.abs(pred[..., 0] * target[..., 1] - pred[..., 1] * target[..., 0])
+    p = cross / (_mag(pred) + eps)
+    cos = pred[..., 0] * target[..., 0] + pred[..., 1] * target[..., 1]
+    return jnp.mean(jnp.where(cos < 0, 2 * _mag(target) - p, p))
+
+
+@functools.lru_cache(maxsize=8)
+def _gauss_deriv_kernel(sigma_xy: float, sigma_t: float, halfwidth: int = 3) -> np.ndarray:
+    """First-derivative-of-Gaussian kernel along x, y and t (separable product), shape (7, 7, 7), zero mean."""
+    x = np.arange(-halfwidth, halfwidth + 1, dtype=np.float64)
+
+    def d1(s):
+        g = -x / (s ** 3 * math.sqrt(2 * math.pi)) * np.exp(-x * x / (2 * s * s))
+        return g / np.abs(g).sum()
+
+    return np.einsum("i,j,k->ijk", d1(sigma_xy), d1(sigma_xy), d1(sigma_t)).astype(np.float32)
+
+
+def gaussian3d_loss(pred, target, sigmas=(0.5, 1.0, 1.25), sigmas_t=(0.5, 1.0, 1.25)):
+    """L1 between 3-D Gaussian-derivative responses of the magnitudes (edge / motion structure), mean over scales."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = _mag(pred)[..., None], _mag(target)[..., None]
+    total = 0.0
+    for s, st in zip(sigmas, sigmas_t):
+        k = jnp.asarray(_gauss_deriv_kernel(float(s), float(st)))[..., None, None]
+        resp = jax.lax.conv_general_dilated(jnp.concatenate([a, b], 0), k, (1, 1, 1), "SAME",
+                                            dimension_numbers=("NXYTC", "XYTIO", "NXYTC"))
+        total = total + jnp.mean(jnp.abs(resp[: a.shape[0]] - resp[a.shape[0]:]))
+    return total / len(sigmas)
+
+
+def ssim_loss(pred, target, window: int = 11):
+    """1 - SSIM of magnitudes per 2-D frame (uniform window, data range from the target batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    x, y = _mag(pred), _mag(target)
+    w = min(window, x.shape[1], x.shape[2])
+    rng_ = jnp.maximum(jnp.max(y) - jnp.min(y), 1e-6)
+    c1, c2 = (0.01 * rng_) ** 2, (0.03 * rng_) ** 2
+    pool = lambda v: jax.lax.reduce_window(v, 0.0, jax.lax.add, (1, w, w, 1), (1, 1, 1, 1), "VALID") / (w * w)
+    mx, my = pool(x), pool(y)
+    vx, vy, cxy = pool(x * x) - mx * mx, pool(y * y) - my * my, pool(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return 1.0 - jnp.mean(s)
+
+
+def combined_loss(pred, target, weights: dict):
+    """Weighted sum of the terms named in `weights` (mse, charbonnier, perpendicular, gaussian3d, ssim)."""
+    import jax.numpy as jnp
+
+    fns = dict(mse=lambda p, t: jnp.mean((p - t) ** 2), charbonnier=charbonnier_loss,
+               perpendicular=perpendicular_loss, gaussian3d=gaussian3d_loss, ssim=ssim_loss)
+    parts, total = {}, 0.0
+    for name, w in weights.items():
+        if name not in fns:
+            from cinema_jax.errors import ConfigError
+
+            raise ConfigError(f"unknown loss term loss.{name}; known: {sorted(fns)}")
+        if w:
+            parts[name] = fns[name](pred, target)
+            total = total + w * parts[name]
+    return total, parts
+
+
+def quick_train(config, steps: int | None = None, log_every: int = 0, params=None):
+    """Minimal single-device AdamW loop over `transform(train=True)` samples, for benchmarks and the fast test.
+
+    Why: a dependency-free way to measure the effect of the noise ablations on the same held-out set; production
+    training goes through `cinema_jax.train.loop.train`. Returns (model, params, losses).
+    """
+    import jax
+    import optax
+    from flax import linen as nn
+
+    task = DenoiseTask().configure(config)
+    model = task.make_model(config)
+    steps = int(steps or config.total_steps)
+    recs = task.records(config, "train")
+    bs = int(config.batch_size)
+    ex = task.example_batch(config, bs)
+    if params is None:
+        params = nn.meta.unbox(jax.jit(lambda: model.init({"params": jax.random.key(config.seed)},
+                                                          ex["image"], train=False))()["params"])
+    o = config.optim
+    sched = optax.warmup_cosine_decay_schedule(0.0, o.lr, int(o.warmup_steps), max(steps, int(o.warmup_steps) + 1),
+                                               o.min_lr)
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), optax.adamw(sched, o.b1, o.b2,
+                                                                         weight_decay=o.weight_decay))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, batch, key):
+        (loss, parts), g = jax.value_and_grad(lambda p: task.loss(model, p, batch, key, True), has_aux=True)(params)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss
+
+    losses = []
+    for s in range(steps):
+        idx = [(s * bs + j) for j in range(bs)]
+        samples = [task.transform(recs[i % len(recs)], np.random.default_rng([int(config.seed), i]), config, True)
+                   for i in idx]
+        batch = {k: np.stack([c[k] for c in samples]) for k in ("image", "target")}
+        params, opt, loss = step(params, opt, batch, jax.random.key(s))
+        losses.append(float(loss))
+        if log_every and s % log_every == 0:
+            print(f"step {s} loss {losses[-1]:.4f}", flush=True)
+    return model, params, losses
+
+
+TASK = DenoiseTask()

@@ -1,0 +1,67 @@
+"""Denoising inference on real Sunnybrook DICOM and on arrays; bad input -> one DataError, no partial output."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from cinema_jax.errors import DataError  # noqa: E402
+from cinema_jax.infer import denoise as infer  # noqa: E402
+from cinema_jax.tasks.denoise import TASK  # noqa: E402
+from configs.denoise import get_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    c = get_config("smoke")
+    model = TASK.make_model(c)
+    ex = TASK.example_batch(c, 1)
+    params = jax.jit(lambda: model.init({"params": jax.random.key(0)}, ex["image"]))()["params"]
+    return model, params, c
+
+
+def test_sunnybrook_dicom(sunnybrook_dir, bundle, tmp_path):
+    case = sorted(p for p in sunnybrook_dir.iterdir() if p.is_dir())[0] / "dicom"
+    out = tmp_path / "out"
+    s = infer.run("unused", case, out, model_bundle=bundle)
+    assert {p.name for p in out.iterdir()} == {"denoised.nii.gz", "before_after.png", "frames.gif", "summary.json"}
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["noise_sigma"] > 0 and summ["format"] == "dicom"
+    from cinema_jax.data import io
+
+    vol = io.read_nifti(out / "denoised.nii.gz")
+    assert vol.array.shape[:2] == tuple(s["shape"][:2])
+
+
+def test_complex_npy_with_gmap(bundle, tmp_path):
+    rng = np.random.default_rng(0)
+    x = np.zeros((48, 40, 6), np.complex64)
+    x[12:36, 10:30] = 50
+    x += (rng.normal(size=x.shape) + 1j * rng.normal(size=x.shape)).astype(np.complex64) * 2
+    np.save(tmp_path / "in.npy", x)
+    np.save(tmp_path / "g.npy", np.full((48, 40), 1.5, np.float32))
+    s = infer.run("unused", tmp_path / "in.npy", tmp_path / "o", gmap=tmp_path / "g.npy", model_bundle=bundle)
+    y = np.load(tmp_path / "o" / "denoised.npy")
+    assert y.shape == x.shape and np.iscomplexobj(y)
+    assert s["noise_sigma"] == pytest.approx(2.0, rel=0.15)
+
+
+@pytest.mark.parametrize("content", ["garbage", "nan", "1d"])
+def test_bad_input_is_one_data_error_and_no_output(bundle, tmp_path, content):
+    if content == "garbage":
+        p = tmp_path / "bad.npy"
+        p.write_bytes(b"not a numpy file")
+    elif content == "nan":
+        p = tmp_path / "bad.npy"
+        np.save(p, np.full((16, 16, 4), np.nan, np.float32))
+    else:
+        p = tmp_path / "bad.npy"
+        np.save(p, np.ones(10, np.float32))
+    with pytest.raises(DataError):
+        infer.run("unused", p, tmp_path / "out", model_bundle=bundle)
+    assert not (tmp_path / "out").exists()
+    assert [q.name for q in tmp_path.iterdir()] == ["bad.npy"]
