@@ -1,0 +1,216 @@
+"""Experiment configs: load `configs/NAME.py[:variant]` and apply typed `key.sub=value` overrides.
+
+Why a small loader instead of absl `config_flags`: the CLI keeps its own argument parsing (and one-line errors, exit
+code 2), tests call it directly, and overrides are type-checked against the value already in the config so a typo
+(`--config.optim.lr=1e-3x`, `--config.optm.lr=...`) fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from cinema_jax.errors import ConfigError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _import_config_module(path: Path):
+    name = f"_cinema_config_{path.stem}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any failure while importing the config is a config problem
+        sys.modules.pop(name, None)
+        raise ConfigError(f"cannot import config file {path}: {type(e).__name__}: {e}") from None
+    return module
+
+
+def split_spec(spec: str) -> tuple[Path, str | None]:
+    """`configs/x.py:variant` -> (path, variant or None)."""
+    path, _, variant = spec.partition(":")
+    return Path(path), (variant or None)
+
+
+def load_module(spec: str):
+    path, _ = split_spec(spec)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return _import_config_module(path)
+
+
+def load_base(spec: str) -> ml_collections.ConfigDict:
+    """The config of `path.py[:variant]` before overrides."""
+    module = load_module(spec)
+    _, variant = split_spec(spec)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {split_spec(spec)[0]} has no get_config(arg)")
+    try:
+        config = module.get_config(variant) if variant is not None else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - bad variant names etc. surface as one line
+        raise ConfigError(f"{spec}: get_config failed: {type(e).__name__}: {e}") from None
+    if isinstance(config, dict):
+        config = ml_collections.ConfigDict(config)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{spec}: get_config must return an ml_collections.ConfigDict")
+    return config
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ConfigError(f"--config.{key}: expected a boolean (true/false), got {text!r}")
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_value(key: str, text: str, current: Any) -> Any:
+    """Parse `text` into the type of `current` (the value the config already holds)."""
+    if isinstance(current, bool):
+        return _parse_bool(key, text)
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                as_float = float(text)
+            except ValueError:
+                raise ConfigError(f"--config.{key}: expected an integer, got {text!r}") from None
+            if as_float.is_integer():
+                return int(as_float)
+            raise ConfigError(f"--config.{key}: expected an integer, got {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--config.{key}: expected a number, got {text!r}") from None
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        value = _literal(text)
+        if isinstance(value, str):  # bare comma list: 1,2,3 or a,b
+            value = [_literal(v.strip()) for v in text.split(",") if v.strip()]
+        if not isinstance(value, (tuple, list)):
+            value = [value]
+        if current and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in current):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"--config.{key}: expected a list of numbers, got {text!r}")
+            kind = float if any(isinstance(c, float) for c in current) else int
+            if kind is int and any(isinstance(v, float) and not float(v).is_integer() for v in value):
+                raise ConfigError(f"--config.{key}: expected a list of integers, got {text!r}")
+            value = [kind(v) for v in value]
+        return type(current)(value)
+    if current is None:
+        return _literal(text)
+    if isinstance(current, (dict, ml_collections.ConfigDict)):
+        value = _literal(text)
+        if not isinstance(value, dict):
+            raise ConfigError(f"--config.{key}: expected a dict literal, got {text!r}")
+        return value
+    raise ConfigError(f"--config.{key}: cannot override a value of type {type(current).__name__}")
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, text = override.split("=", 1)
+    key = key.strip()
+    if key.startswith("--config."):
+        key = key[len("--config."):]
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} (in --config.{key})")
+        node = node[part]
+    leaf = parts[-1]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    value = parse_value(key, text, node[leaf])
+    if isinstance(node[leaf], ml_collections.ConfigDict):
+        for k in value:
+            if k not in node[leaf]:
+                raise ConfigError(f"unknown config key {key}.{k}")
+        node[leaf].update(value)
+        return
+    try:
+        with node.ignore_type():
+            node[leaf] = value
+    except Exception as e:  # noqa: BLE001 - ConfigDict type errors
+        raise ConfigError(f"--config.{key}: {e}") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    for override in overrides or ():
+        apply_override(config, override)
+    return config
+
+
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+    """`configs/NAME.py[:variant]` + overrides `['key.sub=value', ...]` -> ConfigDict (ConfigError on problems)."""
+    if not spec:
+        raise ConfigError("a config spec configs/NAME.py[:variant] is required")
+    config = apply_overrides(load_base(spec), overrides)
+    validate_common(config)
+    return config
+
+
+def validate_common(config: ml_collections.ConfigDict) -> None:
+    """Range checks on the keys every task config shares (only those present are checked)."""
+    def positive(key):
+        if key in config and int(config[key]) <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {config[key]}")
+
+    for key in ("total_steps", "batch_size", "grad_accum"):
+        positive(key)
+    for key in ("log_every", "checkpoint_every", "eval_every", "image_every"):
+        if key in config and int(config[key]) < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
+    if "precision" in config and config.precision not in ("float32", "bfloat16"):
+        raise ConfigError(f"config key 'precision' must be float32 or bfloat16, got {config.precision!r}")
+    if "remat" in config and config.remat not in ("none", "block", "full"):
+        raise ConfigError(f"config key 'remat' must be none, block or full, got {config.remat!r}")
+    if "grad_accum" in config and "batch_size" in config and config.batch_size % config.grad_accum:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by grad_accum {config.grad_accum}")
+    if "mesh" in config:
+        for axis in ("data", "fsdp", "tensor"):
+            if axis not in config.mesh:
+                raise ConfigError(f"config key 'mesh.{axis}' is missing")
+            v = int(config.mesh[axis])
+            if v == 0 or v < -1:
+                raise ConfigError(f"config key 'mesh.{axis}' must be >= 1 or -1, got {v}")
+
+
+def to_plain(config) -> Any:
+    """ConfigDict -> JSON-friendly nested dicts/lists."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    if isinstance(config, dict):
+        return {str(k): to_plain(v) for k, v in config.items()}
+    if isinstance(config, (list, tuple)):
+        return [to_plain(v) for v in config]
+    return config
+
+
+def from_plain(data: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(data)

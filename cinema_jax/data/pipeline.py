@@ -1,0 +1,166 @@
+"""Grain input pipelines for every task (numpy + grain only; this package never imports jax).
+
+Train: `task.source(config, 'train')` -> shuffle(seed) -> repeat (reshuffled each epoch) -> random_map(task.transform)
+-> this process's block of every global batch -> batch(per-process batch, drop_remainder) -> to_iter_dataset ->
+mp_prefetch(worker_count). The random transform sits on the MapDataset *before* the per-process selection, so each
+sample's randomness is a function of (seed, global index) only: the stream is the same for any worker count and any
+number of processes (their local batches, concatenated in block order, are exactly a single process's global
+batches), and the iterator state is one integer that Orbax checkpoints (`grain.checkpoint.CheckpointSave`), so a
+resumed run continues the exact stream.
+
+Eval: no shuffle, `task.transform(train=False)` with an rng fixed per record (`default_rng([seed, index])`),
+batches kept in order and the last partial batch kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+EVAL_SEED = 1234
+
+
+class TaskTransform(grain.transforms.RandomMap):
+    """Picklable random map calling `task.transform(record, rng, config, train=True)` (tasks are module singletons,
+    so workers re-import them by name when `task` is a registered task)."""
+
+    def __init__(self, task: Any, config: Any):
+        self.task = task
+        self.config = config
+
+    def random_map(self, element, rng: np.random.Generator):
+        return self.task.transform(element, rng, self.config, True)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        name = getattr(self.task, "name", None)
+        try:
+            from cinema_jax.tasks import get_task
+
+            if name and get_task(name) is self.task:
+                state["task"] = ("registered", name)
+        except Exception:  # noqa: BLE001 - unregistered tasks are pickled as they are
+            pass
+        return state
+
+    def __setstate__(self, state):
+        task = state["task"]
+        if isinstance(task, tuple) and task and task[0] == "registered":
+            from cinema_jax.tasks import get_task
+
+            state["task"] = get_task(task[1])
+        self.__dict__.update(state)
+
+
+class ProcessBlock(grain.MapDataset):
+    """Process `block` of `n_blocks`: element k is global element (k // b) * (b * n_blocks) + block * b + k % b.
+
+    Why blocks rather than a strided slice: each global batch is then the concatenation of the processes' local
+    batches in process order, i.e. exactly the batch a single process would build, so per-row randomness inside
+    the model (masks, dropout) and hence the losses do not depend on the process count.
+    """
+
+    def __init__(self, parent: grain.MapDataset, block: int, n_blocks: int, per_block: int):
+        super().__init__(parent)
+        self._block, self._n, self._b = int(block), int(n_blocks), int(per_block)
+
+    def __len__(self) -> int:
+        return (len(self._parent) // (self._b * self._n)) * self._b
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, j = divmod(int(index), self._b)
+        return self._parent[step * self._b * self._n + self._block * self._b + j]
+
+    def __str__(self) -> str:
+        return f"ProcessBlock(block={self._block}, n_blocks={self._n}, per_block={self._b})"
+
+
+def _ensure_absl_flags() -> None:
+    """Grain's multiprocessing workers read absl flags; parse defaults when no absl app did."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _cfg(config, key: str, default):
+    try:
+        return config[key] if key in config else default
+    except TypeError:
+        return getattr(config, key, default)
+
+
+def per_process_batch(global_batch: int, process_count: int) -> int:
+    if global_batch % process_count:
+        raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
+    return global_batch // process_count
+
+
+def train_dataset(task: Any, config: Any, process_index: int = 0, process_count: int = 1,
+                  worker_count: int | None = None) -> grain.IterDataset:
+    """The training IterDataset of this process (iterate it; `get_state`/`set_state` for resume)."""
+    seed = int(config.seed)
+    source = task.source(config, "train")
+    if not isinstance(source, grain.MapDataset):
+        source = grain.MapDataset.source(source)
+    if len(source) == 0:
+        raise ValueError("the training source is empty")
+    ds = source.shuffle(seed=seed).repeat(None, reseed_each_epoch=True)
+    ds = ds.random_map(TaskTransform(task, config), seed=seed)
+    local = per_process_batch(int(config.batch_size), process_count)
+    if process_count > 1:
+        ds = ProcessBlock(ds, process_index, process_count, local)
+    ds = ds.batch(local, drop_remainder=True)
+    data = _cfg(config, "data", {})
+    if worker_count is None:
+        worker_count = int(_cfg(data, "worker_count", 0) or 0)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_cfg(data, "read_threads", 1) or 1),
+                                              prefetch_buffer_size=int(_cfg(data, "prefetch", 2) or 2)))
+    if worker_count > 0:
+        _ensure_absl_flags()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                         per_worker_buffer_size=int(_cfg(data, "worker_buffer", 1))))
+    return it
+
+
+def train_iterator(task: Any, config: Any, process_index: int = 0, process_count: int = 1,
+                   worker_count: int | None = None):
+    return iter(train_dataset(task, config, process_index, process_count, worker_count))
+
+
+def _eval_map(task, config, seed: int):
+    def fn(index: int, record):
+        return task.transform(record, np.random.default_rng([seed, index]), config, False)
+
+    return fn
+
+
+def eval_dataset(task: Any, config: Any, split: str = "val", batch_size: int | None = None,
+                 seed: int = EVAL_SEED) -> grain.MapDataset | None:
+    """Deterministic eval batches of `split` as a MapDataset (None when the task has no such split)."""
+    try:
+        source = task.source(config, split)
+    except (KeyError, ValueError):
+        return None
+    if source is None:
+        return None
+    if not isinstance(source, grain.MapDataset):
+        source = grain.MapDataset.source(source)
+    if len(source) == 0:
+        return None
+    if batch_size is None:
+        batch_size = int(_cfg(config, "eval_batch_size", 0) or 0) or int(config.batch_size)
+    return source.map_with_index(_eval_map(task, config, seed)).batch(batch_size, drop_remainder=False)
+
+
+def eval_batches(task: Any, config: Any, split: str = "val", batch_size: int | None = None,
+                 seed: int = EVAL_SEED) -> Iterator[dict]:
+    ds = eval_dataset(task, config, split, batch_size, seed)
+    if ds is None:
+        return iter(())
+    return (ds[i] for i in range(len(ds)))

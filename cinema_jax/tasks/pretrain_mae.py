@@ -1,0 +1,166 @@
+"""CineMA MAE pretraining task on the built-in synthetic phantom (../shared/docs/cinema.md §2).
+
+Records are light (`{'seed', 'index'}` of a phantom subject); one record per subject per epoch. `transform` draws one
+random frame of the cardiac cycle (train; frame 0 for eval), renders all configured views of that SAME frame, applies
+the reference augmentation (random isotropic zoom, prob 0.5, factor 0.9-1.1, size kept, zero padding), min-max scales
+each view to [0, 1] and end-pads SAX slices. Loss = the MAE model's masked-patch MSE (mean per view, then over
+views); eval metric = validation loss with fixed masks.
+
+Sample layout (no batch dim): '<view>' float32 (X, Y, Z, 1) for sax, (X, Y, 1) for lax_*.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cinema_jax.data import transforms
+from cinema_jax.tasks.base import Task
+
+SPLIT_SEED_OFFSET = {"train": 0, "val": 100_000, "test": 200_000}
+
+
+def _tuple(v) -> tuple:
+    return tuple(int(a) for a in v)
+
+
+def phantom_config(config):
+    """PhantomConfig matching `config.data` (sizes, spacings, frames)."""
+    from cinema_jax.data import phantom
+
+    d = config.data
+    sax = _tuple(d.sax_size)
+    return phantom.PhantomConfig(sax_size=sax[:2], n_slices=sax[2], sax_spacing=tuple(float(s) for s in d.sax_spacing),
+                                 lax_size=_tuple(d.lax_size), lax_spacing=tuple(float(s) for s in d.lax_spacing),
+                                 n_frames=int(d.n_frames))
+
+
+class PretrainMAE(Task):
+    name = "pretrain_mae"
+    eval_metric = "loss"
+    eval_mode = "min"
+
+    def views(self, config) -> tuple[str, ...]:
+        return tuple(config.data.views)
+
+    def image_size(self, config, view: str) -> tuple[int, ...]:
+        return _tuple(config.data.sax_size) if view == "sax" else _tuple(config.data.lax_size)
+
+    def make_model(self, config):
+        from cinema_jax.models import build_mae
+
+        model_cfg = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
+        model_cfg["views"] = list(self.views(config))
+        model_cfg["image_size"] = {v: list(self.image_size(config, v)) for v in self.views(config)}
+        return build_mae(model_cfg, dtype=config.get("precision", "float32"), remat=config.get("remat", "none"))
+
+    def source(self, config, split: str):
+        import grain
+
+        n = dict(config.data.n_subjects)
+        if split not in n:
+            raise KeyError(split)
+        seed = int(config.data.get("phantom_seed", 0)) + SPLIT_SEED_OFFSET.get(split, 300_000)
+        return grain.MapDataset.source([{"seed": seed, "index": i} for i in range(int(n[split]))])
+
+    def transform(self, record, rng: np.random.Generator, config, train: bool) -> dict[str, np.ndarray]:
+        from cinema_jax.data import phantom
+
+        pcfg = phantom_config(config)
+        subject = phantom.sample_subject(int(record["seed"]), int(record["index"]), pcfg)
+        frame = int(rng.integers(pcfg.n_frames)) if train else 0
+        views = self.views(config)
+        images = phantom.render(subject, frames=[frame], views=views, cfg=pcfg, labels=False)
+        d = config.data
+        out = {}
+        for view in views:
+            img = np.asarray(images[view][0], np.float32)
+            if train:
+                img = transforms.random_zoom(img, rng, prob=float(d.zoom_prob), zoom_range=tuple(d.zoom_range))
+            img = transforms.minmax_scale(img)
+            size = self.image_size(config, view)
+            img = transforms.pad_end(img, size) if view == "sax" else img
+            img = transforms.crop_or_pad(img, size, mode="end" if view == "sax" else "center")
+            out[view] = img[..., None].astype(np.float32)
+        return out
+
+    def example_batch(self, config, batch_size: int) -> dict[str, np.ndarray]:
+        return {v: np.zeros((batch_size, *self.image_size(config, v), 1), np.float32) for v in self.views(config)}
+
+    def model_inputs(self, batch) -> dict:
+        return {"images": {k: v for k, v in batch.items()}}
+
+    def loss(self, model, params, batch, rng, train: bool):
+        import jax
+
+        rngs = {"mask": jax.random.fold_in(rng, 0), "droppath": jax.random.fold_in(rng, 1),
+                "dropout": jax.random.fold_in(rng, 2)}
+        out = model.apply({"params": params}, **self.model_inputs(batch), train=train, rngs=rngs)
+        aux = {f"{k[: -len('_mse_loss')]}_loss": v for k, v in out["metrics"].items() if k.endswith("_mse_loss")}
+        return out["loss"], aux
+
+    def images_per_sample(self, config) -> int:
+        return len(self.views(config))
+
+    # -------------------------------------------------------------------------------------------- eval
+    def _eval_fn(self, model):
+        import jax
+
+        cache = self.__dict__.setdefault("_eval_fns", {})
+        if id(model) not in cache:
+            def fn(params, batch, key):
+                return model.apply({"params": params}, **self.model_inputs(batch), train=False,
+                                   rngs={"mask": key})
+
+            cache[id(model)] = (model, jax.jit(fn))
+        return cache[id(model)][1]
+
+    def evaluate(self, model, params, batches, config) -> dict[str, float]:
+        """Mean masked-patch MSE over the eval set (masks fixed by batch index), total and per view."""
+        import jax
+
+        fn = self._eval_fn(model)
+        sums: dict[str, float] = {}
+        n = 0
+        for i, batch in enumerate(batches):
+            b = len(next(iter(batch.values())))
+            out = fn(params, batch, jax.random.fold_in(jax.random.key(int(config.seed) + 7), i))
+            metrics = jax.device_get(out["metrics"])
+            for k, v in metrics.items():
+                if k == "loss" or k.endswith("_mse_loss"):
+                    name = "loss" if k == "loss" else f"{k[: -len('_mse_loss')]}_loss"
+                    sums[name] = sums.get(name, 0.0) + float(v) * b
+            n += b
+        return {k: v / n for k, v in sums.items()} if n else {}
+
+    def visualize(self, model, params, batch, rng, path) -> None:
+        """PNG: per view input / masked input / reconstruction (SAX: the middle non-empty slice)."""
+        import jax
+        import jax.numpy as jnp
+
+        from cinema_jax import viz
+        from cinema_jax.models.patchify import reconstruct, unpatchify
+
+        first = {k: np.asarray(v) for k, v in batch.items()}  # whole batch: reuses the eval compile
+        out = self._eval_fn(model)(params, first, rng)
+        panels = {}
+        for view in model.views:
+            if view not in first:
+                continue
+            image = first[view]
+            patch = model.dec_patch(view)
+            grid = tuple(s // p for s, p in zip(image.shape[1:-1], patch))
+            mask = np.asarray(jax.device_get(out["mask"][view]))
+            recon = np.asarray(reconstruct(jnp.asarray(image), out["pred"][view], jnp.asarray(mask), patch))
+            keep = np.repeat((~mask)[..., None], int(np.prod(patch)) * image.shape[-1], axis=-1).astype(np.float32)
+            masked = np.asarray(unpatchify(jnp.asarray(np.asarray(out["target"][view]) * keep), patch, grid))
+            sel = (0, Ellipsis, 0)
+            img, msk, rec = image[sel], masked[sel], recon[sel]
+            if img.ndim == 3:  # SAX: a middle slice that holds data
+                filled = np.flatnonzero(img.reshape(-1, img.shape[-1]).max(axis=0) > 0)
+                z = int(filled[len(filled) // 2]) if filled.size else img.shape[-1] // 2
+                img, msk, rec = img[..., z], msk[..., z], rec[..., z]
+            panels[view] = (img, msk, np.clip(rec, 0.0, 1.0))
+        viz.mae_reconstruction_png(path, panels)
+
+
+TASK = PretrainMAE()

@@ -1,0 +1,337 @@
+"""The one training loop for every task: mesh, sharded init, jitted step, checkpoints, resume, logging, eval.
+
+Why one loop: tasks (`cinema_jax/tasks/*`) only provide data, model, loss and metrics through the Task protocol;
+everything that must be right once — sharding, optimizer, exact resume, logging cadence, early stopping, best
+checkpoint — lives here. Determinism: the step's rng is `fold_in(key(seed), step)` and the data stream is a function
+of (seed, global sample index) (see `cinema_jax.data.pipeline`), so a run killed and restarted from its last
+checkpoint, a run on another mesh, or a run split over processes computes the same steps (up to float reassociation).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import ExitStack, nullcontext
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from cinema_jax.config import to_plain
+from cinema_jax.data import pipeline
+from cinema_jax.errors import ConfigError
+from cinema_jax.fileutil import write_text_atomic
+from cinema_jax.tasks import get_task
+from cinema_jax.train import checkpoint as ckpt
+from cinema_jax.train import sharding as shd
+from cinema_jax.train.logging import MetricsWriter, progress_bar
+from cinema_jax.train.state import make_optimizer, new_state
+
+
+# ------------------------------------------------------------------------------------------------ multi-host
+def maybe_initialize_distributed(config=None) -> None:
+    """`jax.distributed.initialize` when the environment or `config.distributed` asks for it.
+
+    Explicit: CINEMA_COORDINATOR (host:port), CINEMA_NUM_PROCESSES, CINEMA_PROCESS_ID (or config.distributed.*).
+    Automatic (JAX detects the cluster): CINEMA_DISTRIBUTED=auto, `config.distributed.auto`, or a SLURM job with
+    more than one task. Single-host runs do nothing.
+    """
+    if jax.distributed.is_initialized():
+        return
+    env = os.environ
+    dist = {}
+    if config is not None and "distributed" in config:
+        dist = to_plain(config.distributed) or {}
+    addr = env.get("CINEMA_COORDINATOR") or dist.get("coordinator_address") or ""
+    if addr:
+        n = int(env.get("CINEMA_NUM_PROCESSES") or dist.get("num_processes") or 0)
+        pid = int(env.get("CINEMA_PROCESS_ID") or dist.get("process_id") or 0)
+        if n < 1:
+            raise ConfigError("distributed run: CINEMA_NUM_PROCESSES / distributed.num_processes must be >= 1")
+        if jax.config.jax_platforms in (None, "", "cpu") or env.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+        return
+    auto = env.get("CINEMA_DISTRIBUTED", "").lower() == "auto" or bool(dist.get("auto", False))
+    if auto or int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        jax.distributed.initialize()
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy on every process (all processes must call it in a multi-process job)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _put_global(tree: Any, shardings: Any) -> Any:
+    """Host numpy (identical on all processes) -> global arrays with the given shardings."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=x: np.asarray(x)[idx]), tree, shardings)
+
+
+def _local_mesh_context():
+    """A 1-device mesh for host-side eval/visualisation in multi-process runs (global arrays are not involved)."""
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices()[:1])
+    return jax.set_mesh(mesh)
+
+
+def _cfg(config, key, default):
+    return config[key] if key in config else default
+
+
+# ------------------------------------------------------------------------------------------------ setup
+class Setup:
+    """Everything `train` and the tests need: task, model, mesh, shardings, optimizer, jitted step."""
+
+    def __init__(self, config, mesh=None):
+        self.config = config
+        self.task = get_task(config.task)
+        if hasattr(self.task, "configure"):
+            self.task.configure(config)
+        self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
+        self.grad_accum = int(_cfg(config, "grad_accum", 1))
+        shd.check_batch_divisible(int(config.batch_size), self.mesh, self.grad_accum)
+        self.model = self.task.make_model(config)
+        self.rules = shd.LOGICAL_RULES
+        self.batch_sharding = shd.batch_sharding(self.mesh)
+        self.rep = shd.replicated(self.mesh)
+
+    def context(self):
+        """Mesh + logical-axis rules context (activation constraints in the models resolve against it)."""
+        stack = ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def _init_fn(self):
+        example = self.task.example_batch(self.config, 1)
+        inputs = self.task.model_inputs(example)
+
+        def init(key):
+            k = jax.random.split(key, 4)
+            variables = self.model.init({"params": k[0], "mask": k[1], "dropout": k[2], "droppath": k[3]},
+                                        **inputs, train=False)
+            return variables["params"]
+
+        return init
+
+    def init_state(self) -> dict:
+        """Sharded train state at step 0 (params from init or `config.init_from`'s encoder)."""
+        config = self.config
+        key = jax.random.key(int(config.seed))
+        init_key, train_key = jax.random.split(key)
+        init = self._init_fn()
+        boxed = jax.eval_shape(init, init_key)
+        self.param_shardings = shd.param_shardings(boxed, self.mesh, self.rules)
+        self.abstract_params = shd.strip_boxes(boxed)
+        params = jax.jit(lambda k: shd.strip_boxes(init(k)), out_shardings=self.param_shardings)(init_key)
+        init_from = str(_cfg(config, "init_from", "") or "")
+        if init_from:
+            from cinema_jax.models.transfer import load_encoder
+
+            pretrained, _ = ckpt.load_params(init_from)
+            host = load_encoder(pretrained, to_host(params))
+            params = _put_global(host, self.param_shardings)
+        self.tx, self.schedule = make_optimizer(config, self.abstract_params)
+        self.opt_shardings = shd.opt_state_shardings(self.tx, self.abstract_params, self.param_shardings, self.mesh)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+        step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key_data(train_key)),
+                            out_shardings=(self.rep, self.rep))()
+        state = new_state(params, opt_state, rng)
+        state["step"] = step
+        self.state_shardings = {"step": self.rep, "params": self.param_shardings, "opt_state": self.opt_shardings,
+                                "rng": self.rep}
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, self.state_shardings)
+        return state
+
+    def make_step(self):
+        task, model, tx, schedule, accum = self.task, self.model, self.tx, self.schedule, self.grad_accum
+
+        def loss_fn(params, batch, key):
+            loss, aux = task.loss(model, params, batch, key, True)
+            return loss, aux
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def step_fn(state, batch):
+            key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            params = state["params"]
+            if accum == 1:
+                (loss, aux), grads = grad_fn(params, batch, key)
+            else:
+                # micro-batch j = rows j, j + accum, ...: every device keeps its own rows (no data movement)
+                micro = jax.tree_util.tree_map(
+                    lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1), batch)
+                micro = jax.lax.with_sharding_constraint(micro, jax.sharding.NamedSharding(
+                    self.mesh, P(None, shd.BATCH_AXES)))
+                first = jax.tree_util.tree_map(lambda x: x[0], micro)
+                shapes = jax.eval_shape(grad_fn, params, first, key)
+                zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+                def body(carry, xs):
+                    mb, i = xs
+                    out = grad_fn(params, mb, jax.random.fold_in(key, i))
+                    return jax.tree_util.tree_map(jnp.add, carry, out), None
+
+                total, _ = jax.lax.scan(body, zero, (micro, jnp.arange(accum)))
+                (loss, aux), grads = jax.tree_util.tree_map(lambda x: x / accum, total)
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            params = optax.apply_updates(params, updates)
+            metrics = {k: jnp.asarray(v, jnp.float32) for k, v in dict(aux).items()}
+            metrics.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm,
+                           lr=jnp.asarray(schedule(state["step"]), jnp.float32))
+            new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
+            return new, metrics
+
+        return jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                       out_shardings=(self.state_shardings, self.rep), donate_argnums=(0,))
+
+
+# ------------------------------------------------------------------------------------------------ eval helpers
+def _better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None or not math.isfinite(best):
+        return math.isfinite(value)
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def _eval_params(state_params):
+    """Params to hand to task.evaluate/visualize: the sharded arrays (one process) or a host copy."""
+    if jax.process_count() == 1:
+        return state_params, nullcontext()
+    return to_host(state_params), _local_mesh_context()
+
+
+def run_eval(setup: Setup, params, split: str = "val") -> dict[str, float]:
+    batches = pipeline.eval_batches(setup.task, setup.config, split)
+    metrics = setup.task.evaluate(setup.model, params, batches, setup.config)
+    return {k: float(v) for k, v in dict(metrics or {}).items()}
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(config, workdir: str | os.PathLike) -> dict:
+    """Train `config.task` into `workdir`; re-running on the same workdir resumes from the latest checkpoint.
+
+    Returns a summary dict (last step, last logged metrics, best eval metric).
+    """
+    maybe_initialize_distributed(config)
+    workdir = Path(workdir).absolute()
+    main = jax.process_index() == 0
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(workdir / ckpt.CONFIG_JSON, json.dumps(to_plain(config), indent=1))
+    setup = Setup(config)
+    task = setup.task
+    total = int(config.total_steps)
+    log_every = int(_cfg(config, "log_every", 0))
+    ckpt_every = int(_cfg(config, "checkpoint_every", 0))
+    eval_every = int(_cfg(config, "eval_every", 0))
+    image_every = int(_cfg(config, "image_every", 0))
+    es = to_plain(_cfg(config, "early_stopping", {})) or {}
+    es_metric = es.get("metric") or task.eval_metric
+    es_mode = es.get("mode") or task.eval_mode
+    patience = int(es.get("patience", 0) or 0)
+    min_delta = float(es.get("min_delta", 0.0) or 0.0)
+
+    with setup.context():
+        state = setup.init_state()
+        train_step = setup.make_step()
+        block, n_blocks = shd.process_batch_block(int(config.batch_size), setup.batch_sharding)
+        data_iter = pipeline.train_iterator(task, config, block, n_blocks)
+        manager = ckpt.make_manager(workdir, int(_cfg(config, "keep_checkpoints", 3)))
+        meta = {"best": None, "bad_evals": 0, "stopped": False}
+        start = 0
+        latest = manager.latest_step()
+        if latest is not None:
+            state, meta = ckpt.restore_train(manager, latest, setup.abstract_state, data_iter)
+            start = int(latest)
+        writer = MetricsWriter(workdir, active=main, resume_step=start)
+        vis_batch = None
+        if image_every and main:
+            # the first eval batch (same shapes as eval: the task's jitted forward is reused, no extra compile)
+            vis_batch = next(iter(pipeline.eval_batches(task, config, "val")), None)
+        images_per_sample = int(task.images_per_sample(config)) if hasattr(task, "images_per_sample") else 1
+        bar = progress_bar(total, start, main)
+        step = start
+        last: dict[str, Any] = {}
+        t_last, n_since = time.perf_counter(), 0
+        stopped = bool(meta.get("stopped", False))
+        try:
+            while step < total and not stopped:
+                batch = next(data_iter)
+                state, metrics = train_step(state, shd.shard_batch(batch, setup.batch_sharding))
+                step += 1
+                n_since += 1
+                bar.update(1)
+                if log_every and (step % log_every == 0 or step == total):
+                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    dt = max(now - t_last, 1e-9)
+                    values["steps_per_s"] = n_since / dt
+                    values["images_per_s"] = n_since * int(config.batch_size) * images_per_sample / dt
+                    t_last, n_since = now, 0
+                    writer.write(step, values)
+                    bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
+                    last = values
+                if eval_every and (step % eval_every == 0 or step == total):
+                    params, ctx = _eval_params(state["params"])
+                    with ctx:
+                        ev = run_eval(setup, params)
+                    if ev:
+                        writer.write(step, ev, prefix="eval/")
+                        value = ev.get(es_metric)
+                        if value is not None and _better(value, meta.get("best"), es_mode, min_delta):
+                            meta["best"], meta["bad_evals"] = float(value), 0
+                            if main:
+                                ckpt.save_params(workdir / ckpt.BEST, params, config,
+                                                 metrics={"step": step, **ev})
+                        elif value is not None:
+                            meta["bad_evals"] = int(meta.get("bad_evals", 0)) + 1
+                            if patience and meta["bad_evals"] >= patience:
+                                stopped = meta["stopped"] = True
+                    t_last = time.perf_counter()
+                if image_every and step % image_every == 0:
+                    params, ctx = _eval_params(state["params"])
+                    if main and vis_batch is not None:
+                        with ctx:
+                            task.visualize(setup.model, params, vis_batch, jax.random.key(0),
+                                           workdir / "images" / f"step_{step:07d}.png")
+                    t_last = time.perf_counter()
+                if (ckpt_every and step % ckpt_every == 0) or step == total or stopped:
+                    ckpt.save_train(manager, step, state, data_iter, dict(meta))
+        finally:
+            bar.close()
+            manager.wait_until_finished()
+            manager.close()
+            writer.close()
+            if hasattr(data_iter, "close"):
+                data_iter.close()
+    return {"step": step, "last": last, "best": meta.get("best"), "stopped": stopped}
+
+
+def evaluate_workdir(workdir: str | os.PathLike, split: str = "val") -> dict[str, float]:
+    """Evaluate a run's best (else latest) params on `split`; writes `<workdir>/eval_<split>.json`."""
+    workdir = Path(workdir).absolute()
+    params, config = ckpt.load_params(workdir)
+    if "task" not in config:
+        raise ConfigError(f"{workdir}/config.json has no 'task'")
+    task = get_task(config.task)
+    if hasattr(task, "configure"):
+        task.configure(config)
+    model = task.make_model(config)
+    metrics = task.evaluate(model, params, pipeline.eval_batches(task, config, split), config)
+    metrics = {k: float(v) for k, v in dict(metrics or {}).items()}
+    write_text_atomic(workdir / f"eval_{split}.json", json.dumps({"split": split, **metrics}, indent=1))
+    print(json.dumps({"split": split, **metrics}))
+    return metrics

@@ -1,0 +1,54 @@
+"""`cinema-jax train` contract: bad config input -> one line on stderr, exit code 2, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, CINEMA_NO_PROGRESS="1")
+    return subprocess.run([sys.executable, "-m", "cinema_jax", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--config.nope=1"], "unknown config key 'nope'"),
+    (["--config.total_steps=x"], "expected an integer"),
+    (["--config.mesh.data=3"], "needs 3 devices"),
+])
+def test_train_config_errors_are_one_line(tmp_path, args, match):
+    out = run_cli("train", "--config=configs/mae_pretrain.py:smoke", f"--workdir={tmp_path}", *args)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_config_file(tmp_path):
+    out = run_cli("train", "--config=configs/nope.py", f"--workdir={tmp_path}")
+    assert out.returncode == 2 and out.stderr.strip() == "error: config file not found: configs/nope.py"
+
+
+def test_eval_of_empty_workdir(tmp_path):
+    out = run_cli("eval", f"--workdir={tmp_path}")
+    assert out.returncode == 2 and "holds no checkpoint" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_train_contract_smoke(tmp_path):
+    """The external contract: smoke MAE with the documented flags writes one metrics line per logged step."""
+    out = run_cli("train", "--config=configs/mae_pretrain.py:smoke", f"--workdir={tmp_path}",
+                  "--config.total_steps=4", "--config.seed=3", "--config.log_every=2", "--config.checkpoint_every=2",
+                  "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                  "--config.eval_every=0", "--config.image_every=0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all("loss" in r and "sax_loss" in r and "lr" in r and "grad_norm" in r for r in rows)
+    assert (tmp_path / "checkpoints" / "4" / "state").is_dir()

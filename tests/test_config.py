@@ -1,0 +1,69 @@
+"""Config loader: variants, typed overrides, one-line ConfigErrors."""
+
+import pytest
+
+from cinema_jax.config import load_config, parse_value
+from cinema_jax.errors import ConfigError
+
+SPEC = "configs/mae_pretrain.py:smoke"
+
+
+def test_variants_and_contract_keys():
+    smoke = load_config(SPEC)
+    assert smoke.batch_size % 8 == 0 and smoke.task == "pretrain_mae"
+    for key in ("seed", "total_steps", "log_every", "checkpoint_every", "eval_every", "image_every",
+                "keep_checkpoints", "precision", "remat", "grad_accum", "init_from", "freeze_encoder"):
+        assert key in smoke
+    assert set(smoke.mesh) == {"data", "fsdp", "tensor"}
+    base = load_config("configs/mae_pretrain.py:base")
+    assert tuple(base.data.sax_size) == (192, 192, 16) and tuple(base.data.lax_size) == (256, 256)
+    assert base.batch_size == 64 and base.optim.lr == 1e-3 and base.optim.min_lr == 1e-6
+    assert base.model.mask_ratio == 0.75 and base.model.size == "base"
+    per_epoch = base.data.n_subjects.train // 64
+    assert base.total_steps == 800 * per_epoch and base.optim.warmup_steps == 10 * per_epoch
+
+
+def test_typed_overrides():
+    c = load_config(SPEC, ["total_steps=7", "optim.lr=0.5", "freeze_encoder=true", "mesh.data=-1",
+                           "data.sax_size=16,16,2", "model.size=base", "init_from=/x/y"])
+    assert c.total_steps == 7 and isinstance(c.total_steps, int)
+    assert c.optim.lr == 0.5 and c.freeze_encoder is True and c.mesh.data == -1
+    assert tuple(c.data.sax_size) == (16, 16, 2) and c.model.size == "base" and c.init_from == "/x/y"
+    assert load_config(SPEC, ["data.lax_size=(64, 64)"]).data.lax_size == (64, 64)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optm.lr=1", "unknown config key 'optm'"),
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("total_steps=abc", "expected an integer"),
+    ("total_steps=1.5", "expected an integer"),
+    ("optim.lr=fast", "expected a number"),
+    ("freeze_encoder=maybe", "expected a boolean"),
+    ("data.sax_size=a,b", "list of numbers"),
+    ("total_steps=0", "must be > 0"),
+    ("precision=fp8", "float32 or bfloat16"),
+    ("mesh.data=0", "mesh.data"),
+    ("novalue", "key.sub=value"),
+])
+def test_bad_overrides(override, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(SPEC, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_and_bad_variant(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.py"))
+    with pytest.raises(ConfigError, match="unknown variant"):
+        load_config("configs/mae_pretrain.py:huge")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(arg=None):\n    raise RuntimeError('boom')\n")
+    with pytest.raises(ConfigError, match="boom"):
+        load_config(str(broken))
+
+
+def test_parse_value_keeps_types():
+    assert parse_value("k", "3", 1.0) == 3.0 and isinstance(parse_value("k", "3", 1.0), float)
+    assert parse_value("k", "2e3", 5) == 2000
+    assert parse_value("k", "[1, 2]", (0.5,)) == (1.0, 2.0)
+    assert parse_value("k", "None", None) is None
