@@ -82,6 +82,40 @@ def _crop_starts(shape, crop, rng: np.random.Generator | None):
     return starts
 
 
+def loss_weights_from_config(config) -> tuple[tuple[str, float], ...]:
+    """`config.loss` as sorted (name, weight) pairs (hashable: it is a field of the Linen model); unknown terms ->
+    ConfigError."""
+    raw = _cfg_get(config, "loss", None)
+    weights = dict(DEFAULT_LOSS_WEIGHTS) if raw is None else {str(k): float(v) for k, v in dict(raw).items()}
+    unknown = sorted(set(weights) - set(DEFAULT_LOSS_WEIGHTS))
+    if unknown:
+        from cinema_jax.errors import ConfigError
+
+        raise ConfigError(f"unknown loss term loss.{unknown[0]}; known: {sorted(DEFAULT_LOSS_WEIGHTS)}")
+    return tuple(sorted(weights.items()))
+
+
+def make_denoise_model(size: str = "small", loss_weights: tuple = (), **kwargs):
+    """`imaging_transformer.make_model` returning a DenoisingModel that also carries the loss weights."""
+    from cinema_jax.models.imaging_transformer import make_model
+
+    base = make_model(size, **kwargs)
+    fields = {f: getattr(base, f) for f in base.__dataclass_fields__ if f not in ("parent", "name")}
+    return _weighted_model_class()(loss_weights=tuple(loss_weights), **fields)
+
+
+@functools.cache
+def _weighted_model_class():
+    from cinema_jax.models.imaging_transformer import DenoisingModel
+
+    class WeightedDenoisingModel(DenoisingModel):
+        """DenoisingModel + `loss_weights` ((name, weight) pairs read by `DenoiseTask.loss`; no params)."""
+
+        loss_weights: tuple = ()
+
+    return WeightedDenoisingModel
+
+
 class DenoiseTask(_TaskBase):
     """Task protocol implementation for SNRAware denoising (see module docstring for the sample layout)."""
 
@@ -91,9 +125,9 @@ class DenoiseTask(_TaskBase):
 
     # ---------------------------------------------------------------------------------------- model
     def make_model(self, config):
+        """The imaging transformer of `config.model`; it also carries `config.loss` as `loss_weights` (the loop
+        calls `loss(model, ...)` without the config, so the weights travel with the model; params are unaffected)."""
         import jax.numpy as jnp
-
-        from cinema_jax.models.imaging_transformer import make_model
 
         m = config.model
         over = dict(block_str=tuple(m.block_str) or None, width=m.width or None, heads=m.heads or None,
@@ -102,7 +136,9 @@ class DenoiseTask(_TaskBase):
             over.pop("window") if tuple(m.window) == (8, 8) else None
             over.pop("patch") if tuple(m.patch) == (4, 4) else None
         dtype = jnp.bfloat16 if _cfg_get(config, "precision", "float32") == "bfloat16" else jnp.float32
-        return make_model(m.size, backbone=m.backbone, dtype=dtype, remat=_cfg_get(config, "remat", "none"), **over)
+        weights = loss_weights_from_config(config)
+        return make_denoise_model(m.size, backbone=m.backbone, dtype=dtype,
+                                  remat=_cfg_get(config, "remat", "none"), loss_weights=weights, **over)
 
     # ---------------------------------------------------------------------------------------- data
     def records(self, config, split: str) -> list[dict]:
@@ -170,18 +206,15 @@ class DenoiseTask(_TaskBase):
 
     # ---------------------------------------------------------------------------------------- loss
     def loss(self, model, params, batch, rng, train: bool, weights=None):
+        """Weighted loss terms; weights: the argument, else the model's `loss_weights` (from `config.loss`, see
+        `make_model`), else DEFAULT_LOSS_WEIGHTS."""
         import jax
 
         rngs = {"droppath": jax.random.fold_in(rng, 1), "dropout": jax.random.fold_in(rng, 2)} if train else {}
         pred = model.apply({"params": params}, batch["image"], train=train, rngs=rngs)
-        w = weights if weights is not None else getattr(self, "_loss_weights", None)
-        total, parts = combined_loss(pred, batch["target"], dict(w or DEFAULT_LOSS_WEIGHTS))
-        return total, parts
-
-    def configure(self, config):
-        """Remember the loss weights of `config.loss` (the loop calls `loss` without the config)."""
-        self._loss_weights = dict(config.loss) if hasattr(config, "loss") else None
-        return self
+        if weights is None:
+            weights = dict(getattr(model, "loss_weights", ()) or ()) or DEFAULT_LOSS_WEIGHTS
+        return combined_loss(pred, batch["target"], dict(weights))
 
     # ---------------------------------------------------------------------------------------- eval
     def predict(self, model, params, image):
@@ -265,29 +298,45 @@ def perpendicular_loss(pred, target):
 
 
 @functools.lru_cache(maxsize=8)
-def _gauss_deriv_kernel(sigma_xy: float, sigma_t: float, halfwidth: int = 3) -> np.ndarray:
-    """First-derivative-of-Gaussian kernel along x, y and t (separable product), shape (7, 7, 7), zero mean."""
+def _gauss_deriv_1d(sigma: float, halfwidth: int = 3) -> tuple[float, ...]:
+    """First derivative of a Gaussian, 2*halfwidth+1 taps, normalised to unit L1 (the 3-D kernel is the product
+    of this filter along x, y and t)."""
     x = np.arange(-halfwidth, halfwidth + 1, dtype=np.float64)
+    g = -x / (sigma ** 3 * math.sqrt(2 * math.pi)) * np.exp(-x * x / (2 * sigma * sigma))
+    return tuple(float(v) for v in g / np.abs(g).sum())
 
-    def d1(s):
-        g = -x / (s ** 3 * math.sqrt(2 * math.pi)) * np.exp(-x * x / (2 * s * s))
-        return g / np.abs(g).sum()
 
-    return np.einsum("i,j,k->ijk", d1(sigma_xy), d1(sigma_xy), d1(sigma_t)).astype(np.float32)
+def _gauss_deriv_kernel(sigma_xy: float, sigma_t: float, halfwidth: int = 3) -> np.ndarray:
+    """The 3-D first-derivative-of-Gaussian kernel (x, y, t), shape (7, 7, 7), zero mean (for tests/reference)."""
+    d_xy, d_t = np.asarray(_gauss_deriv_1d(sigma_xy, halfwidth)), np.asarray(_gauss_deriv_1d(sigma_t, halfwidth))
+    return np.einsum("i,j,k->ijk", d_xy, d_xy, d_t).astype(np.float32)
+
+
+def _filter_axis(x, taps: tuple[float, ...], axis: int):
+    """Zero-padded 'SAME' cross-correlation of x with 1-D `taps` along `axis` (shifted sums: fast on any backend)."""
+    import jax.numpy as jnp
+
+    h = len(taps) // 2
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (h, h)
+    xp = jnp.pad(x, pad)
+    n = x.shape[axis]
+    return sum(t * jnp.take(xp, jnp.arange(j, j + n), axis=axis) for j, t in enumerate(taps) if t != 0.0)
 
 
 def gaussian3d_loss(pred, target, sigmas=(0.5, 1.0, 1.25), sigmas_t=(0.5, 1.0, 1.25)):
-    """L1 between 3-D Gaussian-derivative responses of the magnitudes (edge / motion structure), mean over scales."""
-    import jax
+    """L1 between 3-D Gaussian-derivative responses of the magnitudes (edge / motion structure), mean over scales.
+
+    The kernel is separable, so it is applied as three 1-D filters (XLA's CPU 3-D conv of a 7^3 kernel is ~100x
+    slower); the response is linear, so it is taken of the difference of the magnitudes."""
     import jax.numpy as jnp
 
-    a, b = _mag(pred)[..., None], _mag(target)[..., None]
+    d = _mag(pred) - _mag(target)  # (B, X, Y, T)
     total = 0.0
     for s, st in zip(sigmas, sigmas_t):
-        k = jnp.asarray(_gauss_deriv_kernel(float(s), float(st)))[..., None, None]
-        resp = jax.lax.conv_general_dilated(jnp.concatenate([a, b], 0), k, (1, 1, 1), "SAME",
-                                            dimension_numbers=("NXYTC", "XYTIO", "NXYTC"))
-        total = total + jnp.mean(jnp.abs(resp[: a.shape[0]] - resp[a.shape[0]:]))
+        txy, tt = _gauss_deriv_1d(float(s)), _gauss_deriv_1d(float(st))
+        r = _filter_axis(_filter_axis(_filter_axis(d, txy, 1), txy, 2), tt, 3)
+        total = total + jnp.mean(jnp.abs(r))
     return total / len(sigmas)
 
 
@@ -335,7 +384,7 @@ def quick_train(config, steps: int | None = None, log_every: int = 0, params=Non
     import optax
     from flax import linen as nn
 
-    task = DenoiseTask().configure(config)
+    task = DenoiseTask()
     model = task.make_model(config)
     steps = int(steps or config.total_steps)
     recs = task.records(config, "train")
