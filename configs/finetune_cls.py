@@ -59,7 +59,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     c = _base()
     if arg == "smoke":
         c.total_steps = 30
-        c.batch_size = 4
+        c.batch_size = 8  # divisible by 8 devices (CI simulates 8)
         c.grad_accum = 1
         c.log_every = 10
         c.checkpoint_every = 30

@@ -5,7 +5,10 @@ Evaluation uses the inference path (`cinema_jax.infer.segment.predict_frame`: Ch
 probabilities mapped back to the native DICOM grid, argmax there), then scores on the expert-contoured slices only:
 LV Dice at ED and ES, MYO Dice at ED (Sunnybrook has epicardial contours at ED only), and LV EF from label-voxel
 counts over the slices contoured at both phases, against the same count on the expert masks. RV is not contoured in
-Sunnybrook and is not scored.
+Sunnybrook and is not scored. Each frame is first percentile-clipped to [0, 1] exactly as `SunnybrookSource` does for
+training (`datasets.normalise_intensity`), so the Sunnybrook fine-tune sees the same intensities at test time; the
+per-slice z-score of the Chen pipeline follows. Volumes (mL) use the loader's z spacing (DICOM
+ImagePositionPatient step, 10 / 10 / 8 mm); EF is a ratio and does not depend on it.
 
     python -m cinema_jax.experiments.sunnybrook_eval --workdir runs/sunnybrook --root ../shared/data/sunnybrook \
         --synthetic-ckpt runs/domain_shift/chen --init-from runs/demo/mae --train-subjects SCD0000101 SCD0000201
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +52,7 @@ def finetune_config(root: str, train: list[str], val: list[str], steps: int, ini
 
 
 def evaluate_subjects(ckpt, root, subjects: list[str]) -> list[dict]:
-    from cinema_jax.data.datasets import load_sunnybrook
+    from cinema_jax.data.datasets import load_sunnybrook, normalise_intensity
     from cinema_jax.infer import common
     from cinema_jax.infer.segment import predict_frame
     from cinema_jax.metrics.clinical import ejection_fraction, volume_ml
@@ -59,7 +63,7 @@ def evaluate_subjects(ckpt, root, subjects: list[str]) -> list[dict]:
     rows = []
     for sub in load_sunnybrook(root, subjects):
         zs = list(sub.annotated_slices)
-        pred = {ph: predict_frame(loaded, fn, sub.frame(ph), sub.spacing) for ph in ("ed", "es")}
+        pred = {ph: predict_frame(loaded, fn, normalise_intensity(sub.frame(ph)), sub.spacing) for ph in ("ed", "es")}
         true = {"ed": sub.ed_label, "es": sub.es_label}
         myo_z = [z for z in zs if (true["ed"][:, :, z] == 2).any()]
         row = {"pid": sub.pid,
@@ -95,16 +99,29 @@ def run(workdir: str, root: str, synthetic_ckpt: str | list[str], init_from: str
     models = [(f"synthetic_only:{Path(c).name}", c) for c in synth] + [("sunnybrook_ft", wd / "sunnybrook_ft")]
     for name, ckpt in models:
         rows = evaluate_subjects(ckpt, root, test)
-        out["models"][name] = {"rows": rows, **{k: float(np.nanmean([r[k] for r in rows])) for k in (
-            "dice_LV_ed", "dice_LV_es", "dice_MYO_ed", "lv_ef_abs_err")}}
-    table = ["| model | LV Dice ED | LV Dice ES | MYO Dice ED | LV EF abs err (%) |", "|---|---|---|---|---|"]
-    for name, m in out["models"].items():
-        table.append(f"| {name} | {m['dice_LV_ed']:.3f} | {m['dice_LV_es']:.3f} | {m['dice_MYO_ed']:.3f} | "
-                     f"{m['lv_ef_abs_err']:.1f} |")
+        out["models"][name] = {"rows": rows, **{k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS}}
+    table = markdown_table(out)
     print("\n".join(table))
     write_text_atomic(wd / "sunnybrook_eval.json", json.dumps(out, indent=1, default=float))
     write_text_atomic(wd / "sunnybrook_eval.md", "\n".join(table) + "\n")
     return out
+
+
+SUMMARY_KEYS = ("dice_LV_ed", "dice_LV_es", "dice_MYO_ed", "pred_lv_edv", "pred_lv_esv", "pred_lv_ef", "true_lv_edv",
+                "true_lv_esv", "true_lv_ef", "lv_ef_abs_err")
+
+
+def markdown_table(out: dict) -> list[str]:
+    """One row per (model, test subject): Dice and LV EDV / ESV / EF predicted vs expert contours."""
+    table = ["| model | test subject | LV Dice ED | LV Dice ES | MYO Dice ED | LV EDV pred / GT (mL) | "
+             "LV ESV pred / GT (mL) | LV EF pred / GT (%) | LV EF abs err (%) |", "|---" * 9 + "|"]
+    for name, m in out["models"].items():
+        for r in m["rows"]:
+            table.append(f"| {name} | {r['pid']} | {r['dice_LV_ed']:.3f} | {r['dice_LV_es']:.3f} | "
+                         f"{r['dice_MYO_ed']:.3f} | {r['pred_lv_edv']:.0f} / {r['true_lv_edv']:.0f} | "
+                         f"{r['pred_lv_esv']:.0f} / {r['true_lv_esv']:.0f} | {r['pred_lv_ef']:.1f} / "
+                         f"{r['true_lv_ef']:.1f} | {r['lv_ef_abs_err']:.1f} |")
+    return table
 
 
 def main(argv=None) -> int:
@@ -120,6 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--spacing", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    # Sunnybrook UIDs have a leading-zero component: pydicom warns once per file. A filter, not a level: importing
+    # pydicom resets its logger's level.
+    logging.getLogger("pydicom").addFilter(lambda record: record.levelno >= logging.ERROR)
     run(a.workdir, a.root, a.synthetic_ckpt, a.init_from, a.train_subjects, a.steps, a.size, a.spacing, a.seed)
     return 0
 
