@@ -36,6 +36,10 @@ def make_manager(workdir: str | Path, keep: int, async_save: bool = True) -> ocp
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(max(int(keep), 1)),
         enable_async_checkpointing=async_save,
+        # Grain's iterator handler is a plain (sync) handler that writes process_<i>-of-<n>.json straight away; with
+        # directories created asynchronously a non-primary process could write before process 0 had made the
+        # temporary item directory (seen as a FileNotFoundError in a loaded 2-process run). Array writes stay async.
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
         create=True,
     )
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS, options=options)
