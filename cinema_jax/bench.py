@@ -663,24 +663,15 @@ def run_scaling(config, spec: str, overrides: list[str]) -> dict[str, Any]:
 
 # ================================================================================================ entry point
 def _parse_argv(argv: list[str]) -> tuple[str, list[str]]:
-    spec, overrides = None, []
-    it = iter(argv)
-    for arg in it:
-        if arg == "--config" or arg.startswith("--config="):
-            spec = arg.split("=", 1)[1] if "=" in arg else next(it, None)
-        elif arg.startswith("--config."):
-            if "=" not in arg:
-                value = next(it, None)
-                if value is None:
-                    raise ConfigError(f"{arg} needs a value")
-                arg = f"{arg}={value}"
-            overrides.append(arg[len("--config."):])
-        elif arg in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        else:
-            raise ConfigError(f"bench: unexpected argument {arg!r} (use --config=configs/bench.py:NAME "
-                              "[--config.key=value ...])")
+    from cinema_jax.config import split_config_flags
+
+    rest, spec, overrides = split_config_flags(argv)
+    if any(a in ("-h", "--help") for a in rest):
+        print(__doc__)
+        raise SystemExit(0)
+    if rest:
+        raise ConfigError(f"bench: unexpected argument {rest[0]!r} (use --config=configs/bench.py:NAME "
+                          "[--config.key=value ...])")
     if not spec:
         raise ConfigError("bench: --config=configs/bench.py:NAME is required")
     return spec, overrides

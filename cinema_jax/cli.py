@@ -17,25 +17,6 @@ import sys
 from cinema_jax.errors import CinemaError
 
 
-def _split_config_flags(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
-    """Separate absl-style `--config=...` / `--config.key=value` flags from the rest."""
-    rest, spec, overrides = [], None, []
-    it = iter(argv)
-    for arg in it:
-        if arg == "--config" or arg.startswith("--config="):
-            spec = arg.split("=", 1)[1] if "=" in arg else next(it, None)
-        elif arg.startswith("--config."):
-            if "=" not in arg:
-                value = next(it, None)
-                if value is None:
-                    raise CinemaError(f"{arg} needs a value")
-                arg = f"{arg}={value}"
-            overrides.append(arg[len("--config.") :])
-        else:
-            rest.append(arg)
-    return rest, spec, overrides
-
-
 def _load_config(spec: str | None, overrides: list[str]):
     from cinema_jax.config import load_config
 
@@ -45,7 +26,9 @@ def _load_config(spec: str | None, overrides: list[str]):
 
 
 def cmd_train(argv: list[str]) -> int:
-    rest, spec, overrides = _split_config_flags(argv)
+    from cinema_jax.config import split_config_flags
+
+    rest, spec, overrides = split_config_flags(argv)
     parser = argparse.ArgumentParser(prog="cinema-jax train")
     parser.add_argument("--workdir", required=True, help="run directory (re-running the same command resumes)")
     args = parser.parse_args(rest)

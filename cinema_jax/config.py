@@ -166,6 +166,25 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
     return config
 
 
+def split_config_flags(argv: list[str]) -> tuple[list[str], str | None, list[str]]:
+    """Separate absl-style `--config=SPEC` / `--config.key=value` flags from the rest -> (rest, spec, overrides)."""
+    rest, spec, overrides = [], None, []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config" or arg.startswith("--config="):
+            spec = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+        elif arg.startswith("--config."):
+            if "=" not in arg:
+                value = next(it, None)
+                if value is None:
+                    raise ConfigError(f"{arg} needs a value")
+                arg = f"{arg}={value}"
+            overrides.append(arg[len("--config."):])
+        else:
+            rest.append(arg)
+    return rest, spec, overrides
+
+
 def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
     """`configs/NAME.py[:variant]` + overrides `['key.sub=value', ...]` -> ConfigDict (ConfigError on problems)."""
     if not spec:

@@ -17,6 +17,7 @@ NIfTI -> `denoised.nii.gz` with the input affine; .npy / .h5 -> same format, com
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -125,10 +126,16 @@ def _pad_multiple(config) -> int:
     return int(window * 2 ** (levels - 1))
 
 
-def denoise_array(model, params, config, series: np.ndarray, gmap: np.ndarray) -> np.ndarray:
-    """Denoise one (x, y, t) complex series in SNR units -> complex (x, y, t), padding x/y to the model's tiling."""
+@functools.lru_cache(maxsize=4)
+def _forward(model):
+    """One jitted forward per model (Linen modules are hashable), so every slice of a series reuses the compile."""
     import jax
 
+    return jax.jit(lambda p, v: model.apply({"params": p}, v, train=False))
+
+
+def denoise_array(model, params, config, series: np.ndarray, gmap: np.ndarray) -> np.ndarray:
+    """Denoise one (x, y, t) complex series in SNR units -> complex (x, y, t), padding x/y to the model's tiling."""
     from cinema_jax.tasks.denoise import to_model_units
 
     x, y, t = series.shape
@@ -138,8 +145,7 @@ def denoise_array(model, params, config, series: np.ndarray, gmap: np.ndarray) -
     s = np.pad(series, pad, mode="reflect" if (px < x and py < y) else "edge")
     g = np.pad(gmap, pad, mode="edge")
     image, scale = to_model_units(s, g, config)
-    fn = jax.jit(lambda p, v: model.apply({"params": p}, v, train=False))
-    out = np.asarray(fn(params, image[None]))[0] * scale
+    out = np.asarray(_forward(model)(params, image[None]))[0] * scale
     return (out[..., 0] + 1j * out[..., 1])[:x, :y].astype(np.complex64)
 
 
