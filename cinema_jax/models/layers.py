@@ -13,6 +13,7 @@ Because the layout is channel-last, a "channel LayerNorm" is an ordinary LayerNo
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -111,15 +112,118 @@ def layer_norm(eps: float, dtype: Dtype = jnp.float32, name: str | None = None) 
 
 def conv(features: int, kernel: Sequence[int], in_features: int, dtype: Dtype = jnp.float32,
          strides: Sequence[int] | None = None, padding: str = "SAME", groups: int = 1,
-         name: str | None = None) -> nn.Conv:
+         name: str | None = None) -> Conv:
     """N-D conv (channel-last) with PyTorch-default init and logical names (spatial None, conv_in, conv_out)."""
     kernel = tuple(int(k) for k in kernel)
     fan_in = (in_features // groups) * math.prod(kernel)
     spatial = (None,) * len(kernel)
-    return nn.Conv(features, kernel, strides=tuple(strides) if strides is not None else 1, padding=padding,
-                   feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=boxed(torch_conv_bias_init(fan_in), spatial + ("conv_in", "conv_out")),
-                   bias_init=boxed(torch_conv_bias_init(fan_in), (None,)), name=name)
+    return Conv(features, kernel, tuple(int(s) for s in strides) if strides is not None else None, padding, groups,
+                dtype, kernel_init=boxed(torch_conv_bias_init(fan_in), spatial + ("conv_in", "conv_out")),
+                bias_init=boxed(torch_conv_bias_init(fan_in), (None,)), name=name)
+
+
+_CONV_DIMS = {1: ("NHC", "HIO", "NHC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NHWDC", "HWDIO", "NHWDC")}
+
+
+def _lax_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int) -> Array:
+    """lax conv, channel-last; a 3-D kernel of depth 1 (stride 1 in depth) runs as a 2-D conv over (B*Z)."""
+    nd = x.ndim - 2
+    if nd == 3 and w.shape[2] == 1 and strides[2] == 1 and (isinstance(padding, str) or padding[2] == (0, 0)):
+        b, nx, ny, nz, c = x.shape
+        y = x.transpose(0, 3, 1, 2, 4).reshape(b * nz, nx, ny, c)
+        pad2 = padding if isinstance(padding, str) else padding[:2]
+        y = _lax_conv(y, w[:, :, 0], strides[:2], pad2, groups)
+        return y.reshape((b, nz) + y.shape[1:]).transpose(0, 2, 3, 1, 4)
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_CONV_DIMS[nd],
+                                        feature_group_count=groups)
+
+
+def _patch_matmul(x: Array, w: Array) -> Array:
+    """Conv with kernel == stride, VALID: non-overlapping patches (x, y, z, c order) @ kernel (k..., in, out)."""
+    k = w.shape[:-2]
+    nd = len(k)
+    b, c = x.shape[0], x.shape[-1]
+    grid = [s // kk for s, kk in zip(x.shape[1:-1], k)]
+    x = x[(slice(None),) + tuple(slice(0, g * kk) for g, kk in zip(grid, k))]  # VALID drops the remainder
+    shape = [b]
+    for g, kk in zip(grid, k):
+        shape += [g, kk]
+    x = x.reshape(shape + [c])
+    perm = [0] + [1 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)] + [1 + 2 * nd]
+    x = x.transpose(perm).reshape([b] + grid + [math.prod(k) * c])
+    return jnp.dot(x, w.reshape(-1, w.shape[-1]))
+
+
+def _depthwise_same(x: Array, w: Array) -> Array:
+    """Depth-wise conv, stride 1, 'SAME' padding, without XLA:CPU's 3-D grouped convolution (10-20x slower here).
+
+    2-D: a sum over the kernel taps of shifted inputs times per-channel weights (XLA fuses the taps into one loop).
+    3-D: a sum over the depth taps of 2-D depth-wise convs over (B*Z); summing all 125 taps of a 5x5x5 kernel instead is
+    ~30 % faster but its kernel gradient materialises ~10x more temporaries (+8 GB in the MAE-base step)."""
+    k = w.shape[:-2]
+    if len(k) == 3:
+        b, nx, ny, nz, c = x.shape
+        kz = k[2]
+        xp = jnp.pad(x, [(0, 0), (0, 0), (0, 0), ((kz - 1) // 2, kz // 2), (0, 0)])
+        y = None
+        for dz in range(kz):
+            tap = xp[:, :, :, dz:dz + nz].transpose(0, 3, 1, 2, 4).reshape(b * nz, nx, ny, c)
+            tap = _lax_conv(tap, w[:, :, dz], (1, 1), "SAME", c)
+            y = tap if y is None else y + tap
+        return y.reshape(b, nz, nx, ny, c).transpose(0, 2, 3, 1, 4)
+    pad = [(0, 0)] + [((kk - 1) // 2, kk // 2) for kk in k] + [(0, 0)]
+    xp = jnp.pad(x, pad)
+    spatial = x.shape[1:-1]
+    y = None
+    for off in itertools.product(*(range(kk) for kk in k)):
+        tap = xp[(slice(None),) + tuple(slice(o, o + s) for o, s in zip(off, spatial))] * w[off + (0,)]
+        y = tap if y is None else y + tap
+    return y
+
+
+class Conv(nn.Module):
+    """Channel-last N-D conv with the parameters of `nn.Conv` ('kernel' (k..., in // groups, out), 'bias').
+
+    Why not `nn.Conv`: XLA:CPU runs the stem's 3-D depth-wise 5x5x5 conv ~15x slower than the same math written as
+    2-D convs (notes/perf.md). Same parameters, same results, cheaper lowerings: 1x1 convs are matmuls; kernel ==
+    stride 'VALID' convs (patch embeddings, fusion down-projections) are patchify + matmul; depth-wise 'SAME' convs go
+    through `_depthwise_same`; 3-D kernels of depth 1 run as 2-D convs over (B*Z); else `lax.conv_general_dilated`.
+    """
+
+    features: int
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    padding: str = "SAME"
+    feature_group_count: int = 1
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = None
+    bias_init: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = tuple(self.kernel_size)
+        nd = len(k)
+        cin = x.shape[-1]
+        groups = self.feature_group_count
+        if x.ndim != nd + 2:
+            raise ValueError(f"conv with a {nd}-D kernel expects (B, *spatial, C) input, got shape {x.shape}")
+        if cin % groups:
+            raise ValueError(f"input channels {cin} not divisible by feature_group_count {groups}")
+        kernel = self.param("kernel", self.kernel_init, k + (cin // groups, self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x = x.astype(self.dtype)
+        w = jnp.asarray(kernel, self.dtype)
+        strides = tuple(self.strides) if self.strides is not None else (1,) * nd
+        pad = self.padding.upper() if isinstance(self.padding, str) else self.padding
+        if groups == 1 and all(v == 1 for v in k + strides):
+            y = jnp.dot(x, w.reshape(cin, self.features))
+        elif groups == 1 and strides == k and pad == "VALID":
+            y = _patch_matmul(x, w)
+        elif groups == cin == self.features and all(v == 1 for v in strides) and pad == "SAME":
+            y = _depthwise_same(x, w)
+        else:
+            y = _lax_conv(x, w, strides, pad, groups)
+        return y + jnp.asarray(bias, self.dtype)
 
 
 class PatchConvTranspose(nn.Module):
