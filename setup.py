@@ -22,7 +22,7 @@ setup(
     install_requires=requirements,
     extras_require={
         # Building TFDS datasets imports TensorFlow: kept optional, the default path is ArrayRecord + Grain.
-        "tfds": ["tensorflow-datasets>=4.9.9", "tensorflow-cpu>=2.20"],
+        "tfds": ["tensorflow-datasets>=4.9.9", "tensorflow-cpu>=2.20", "importlib_resources>=6"],  # tfds imports it
         "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["cinema-jax=cinema_jax.cli:main"]},
