@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cinema_jax.models.layers import Conv
+
 Dtype = Any
 
 SIZES: dict[str, dict] = {
@@ -42,42 +44,13 @@ def _init(fn, names):
     return nn.with_logical_partitioning(fn, names)
 
 
-class Conv(nn.Module):
-    """Conv over (B, X, Y, T, C) with the parameters of `nn.Conv` ('kernel' (kx, ky, kt, in, out), 'bias').
-
-    Why not `nn.Conv`: a kernel with kt == 1 (most convs here) is run as a 2-D conv over (B*T, X, Y, C) — XLA's CPU
-    3-D convolutions are 3-5x slower than its 2-D ones for these shapes — with identical parameters and results.
-    """
-
-    features: int
-    kernel_size: tuple[int, int, int]
-    strides: tuple[int, int, int] = (1, 1, 1)
-    names: tuple = ("conv_in", "conv_out")
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kx, ky, kt = self.kernel_size
-        kernel = self.param("kernel", _init(nn.initializers.lecun_normal(), (None, None, None) + tuple(self.names)),
-                            (kx, ky, kt, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", _init(nn.initializers.zeros, (self.names[1],)), (self.features,), jnp.float32)
-        x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-        if kt == 1 and self.strides[2] == 1:
-            b, nx, ny, nt, c = x.shape
-            y = x.transpose(0, 3, 1, 2, 4).reshape(b * nt, nx, ny, c)
-            y = jax.lax.conv_general_dilated(y, kernel[:, :, 0], tuple(self.strides[:2]), "SAME",
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            y = y.reshape((b, nt) + y.shape[1:]).transpose(0, 2, 3, 1, 4)
-        else:
-            y = jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), "SAME",
-                                             dimension_numbers=("NXYTC", "XYTIO", "NXYTC"))
-        return y + bias
-
-
 def _conv(features: int, kernel: Sequence[int], names: tuple, dtype: Dtype, name: str | None = None,
           strides: Sequence[int] | None = None) -> Conv:
     """Conv over (X, Y, T) with logical names (spatial dims None, then in, out)."""
-    return Conv(features, tuple(kernel), tuple(strides) if strides else (1, 1, 1), tuple(names), dtype, name=name)
+    # layers.Conv: nn.Conv's parameters with CPU-friendly lowerings (kt == 1 kernels run as 2-D convs over B*T)
+    return Conv(features, tuple(kernel), tuple(strides) if strides else None, "SAME", 1, dtype,
+                kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None) + tuple(names)),
+                bias_init=_init(nn.initializers.zeros, (names[1],)), name=name)
 
 
 def parse_block_str(block_str: str) -> list[str]:
