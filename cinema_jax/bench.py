@@ -232,19 +232,30 @@ class _nullcontext:
         return False
 
 
-def _host_batch(task, tc, batch_size: int, seed: int) -> dict:
-    """The task's example batch with random floats (uniform [0, 1)) and 32-bit dtypes."""
+def _batch_spec(task, tc, batch_size: int) -> dict:
+    """Shapes and dtypes of the task's batch (float32 / int32), from a one-sample example: nothing of batch size is
+    allocated, so compile-only runs (memory_fit) cost no host memory."""
+    import numpy as np
+
+    out = {}
+    for k, v in task.example_batch(tc, 1).items():
+        v = np.asarray(v)
+        dt = np.float32 if v.dtype in (np.float64, np.float32) else (np.int32 if v.dtype == np.int64 else v.dtype)
+        out[k] = ((batch_size,) + v.shape[1:], np.dtype(dt), v)
+    return out
+
+
+def _host_batch(spec: dict, seed: int) -> dict:
+    """The batch of `spec` with random floats (uniform [0, 1)); integer fields keep the example's values."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     out = {}
-    for k, v in task.example_batch(tc, batch_size).items():
-        v = np.asarray(v)
-        if v.dtype == np.float64 or v.dtype == np.float32:
-            v = rng.random(v.shape, dtype=np.float32)
-        elif v.dtype == np.int64:
-            v = v.astype(np.int32)
-        out[k] = v
+    for k, (shape, dtype, example) in spec.items():
+        if dtype == np.float32:
+            out[k] = rng.random(shape, dtype=np.float32)
+        else:
+            out[k] = np.broadcast_to(example.astype(dtype), shape).copy()
     return out
 
 
@@ -263,7 +274,7 @@ class TrainStep:
         self.mesh = shd.make_mesh(self.tc.mesh, self.devices)
         self.setup = Setup(self.tc, self.mesh)
         self.model = self.setup.model
-        self.batch_np = _host_batch(self.setup.task, self.tc, batch_size, int(config.seed))
+        self.batch_spec = _batch_spec(self.setup.task, self.tc, batch_size)
         self._abstract_init()
         self.jitted = self.setup.make_step()
 
@@ -296,8 +307,8 @@ class TrainStep:
     def abstract_args(self):
         import jax
 
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.setup.batch_sharding)
-                 for k, v in self.batch_np.items()}
+        batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.setup.batch_sharding)
+                 for k, (shape, dtype, _) in self.batch_spec.items()}
         return self.abstract_state, batch
 
     def compile(self):
@@ -316,7 +327,8 @@ class TrainStep:
             state = self.setup.init_state()
         n_proc, pid = jax.process_count(), jax.process_index()
         per = self.batch_size // n_proc
-        local = {k: np.asarray(v[pid * per:(pid + 1) * per]) for k, v in self.batch_np.items()}
+        batch = _host_batch(self.batch_spec, int(self.config.seed))
+        local = {k: np.asarray(v[pid * per:(pid + 1) * per]) for k, v in batch.items()}
         return state, shard_batch(local, self.setup.batch_sharding)
 
 
@@ -350,7 +362,7 @@ def run_train_step(config) -> dict[str, Any]:
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(ts.abstract_params))
     out = {
         "name": config.name, "mode": "train_step", "task": ts.tc.task,
-        "model": _plain(ts.tc.model), "input_shapes": {k: list(v.shape) for k, v in ts.batch_np.items()},
+        "model": _plain(ts.tc.model), "input_shapes": {k: list(v[0]) for k, v in ts.batch_spec.items()},
         "device": device_info(devices), "batch_size": bs, "precision": config.precision, "remat": config.remat,
         "mesh": dict(zip(ts.mesh.axis_names, (int(s) for s in ts.mesh.devices.shape))),
         "n_params": int(n_params),
@@ -512,45 +524,53 @@ def run_memory_fit(config) -> dict[str, Any]:
                           f"(XLA_FLAGS=--xla_force_host_platform_device_count={n_fsdp})")
     devs = devs[:n_fsdp]
     budget = int(m.budget_bytes)
+    cap = int(m.max_batch_per_device)
     results, best = {}, None
     for size in m.sizes:
         cfg = copy.deepcopy(config)
         cfg.train.model.size = str(size)
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, n_fsdp, 1
-        rows = []
+        rows, peak, n_params = [], {}, {}
 
-        def measure(bpd: int, cfg=cfg, rows=rows) -> int:
-            ts = TrainStep(cfg, devs, bpd * n_fsdp)
-            compiled, cs = ts.compile()
-            rep = memory_report(compiled)
-            rows.append({"batch_per_device": bpd, "peak_bytes": rep.get("peak_bytes"),
-                         "temp_bytes": rep.get("temp_size_in_bytes"),
-                         "argument_bytes": rep.get("argument_size_in_bytes"), "compile_time_s": cs})
-            return int(rep.get("peak_bytes") or 0)
+        def measure(bpd: int, cfg=cfg, rows=rows, peak=peak, n_params=n_params, size=size) -> int:
+            if bpd not in peak:
+                ts = TrainStep(cfg, devs, bpd * n_fsdp)
+                n_params.setdefault("n", sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(ts.abstract_params)))
+                compiled, cs = ts.compile()
+                rep = memory_report(compiled)
+                peak[bpd] = int(rep.get("peak_bytes") or 0)
+                rows.append({"batch_per_device": bpd, "peak_bytes": peak[bpd],
+                             "temp_bytes": rep.get("temp_size_in_bytes"),
+                             "argument_bytes": rep.get("argument_size_in_bytes"), "compile_time_s": round(cs, 1)})
+                # one progress line per compile (stderr; stdout keeps the single JSON line): huge models take minutes
+                print(f"memory_fit: {size} batch/device {bpd}: peak {peak[bpd] / 2**20:.0f} MiB per device "
+                      f"(compile {cs:.0f} s)", file=sys.stderr, flush=True)
+            return peak[bpd]
 
-        # linear model from two compiles (memory = static + per-sample * batch), then checked by compiling the
-        # predicted largest batch (and its neighbour) so the reported figure is a compiled one, not a guess
-        b0, b1 = 1, 2
-        m0, m1 = measure(b0), measure(b1)
-        per_sample = max(m1 - m0, 1)
-        static = m0 - per_sample * b0
+        # memory is affine in the batch (static + per-sample * batch): two compiles predict the largest batch, then
+        # compiles bracket it (largest known fit, smallest known miss) and bisect, so the figure reported is compiled
+        m1, m2 = measure(1), measure(2)
+        per_sample = max(m2 - m1, 1)
+        static = m1 - per_sample
         fit = None
-        if m0 <= budget:
-            pred = int(min(int(m.max_batch_per_device), max(1, (budget - static) // per_sample)))
-            cand = pred
-            while cand >= 1:
-                mem_c = m1 if cand == b1 else (m0 if cand == b0 else measure(cand))
-                if mem_c <= budget:
-                    fit = cand
-                    break
-                cand = max(1, int(cand * 0.9)) if cand > 1 else 0
-            if fit is not None and bool(m.check) and fit < int(m.max_batch_per_device) and fit + 1 not in (b0, b1):
-                if measure(fit + 1) <= budget:
-                    fit += 1
+        if m1 <= budget:
+            lo, hi = (2, None) if m2 <= budget else (1, 2)  # lo fits; hi (if known) does not
+            if hi is None:
+                guess = int(min(cap, max(2, (budget - static) // per_sample)))
+                if guess > lo:
+                    if measure(guess) <= budget:
+                        lo = guess
+                    else:
+                        hi = guess
+                if hi is None and lo < cap and bool(m.check):
+                    hi = lo + 1 if measure(lo + 1) > budget else None
+                    lo = lo if hi is not None else lo + 1
+            while hi is not None and hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if measure(mid) <= budget else (lo, mid)
+            fit = lo
         results[str(size)] = {"largest_batch_per_device": fit, "static_bytes_est": int(static),
-                              "per_sample_bytes_est": int(per_sample),
-                              "n_params": int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(
-                                  TrainStep(cfg, devs, n_fsdp).abstract_params))),
+                              "per_sample_bytes_est": int(per_sample), "n_params": int(n_params["n"]),
                               "compiles": sorted(rows, key=lambda r: r["batch_per_device"])}
         if fit:
             best = {"size": str(size), "batch_per_device": fit}
