@@ -48,6 +48,7 @@ def _base() -> ml_collections.ConfigDict:
         worker_count=8,
         read_threads=1,
         prefetch=2,
+        device_prefetch=2,  # batches sharded onto the mesh ahead of the step (train/prefetch.py)
         worker_buffer=2,
     ))
     c.model = ml_collections.ConfigDict(dict(

@@ -32,6 +32,7 @@ from cinema_jax.tasks import get_task
 from cinema_jax.train import checkpoint as ckpt
 from cinema_jax.train import sharding as shd
 from cinema_jax.train.logging import MetricsWriter, progress_bar
+from cinema_jax.train.prefetch import DevicePrefetch
 from cinema_jax.train.state import make_optimizer, new_state
 
 
@@ -248,7 +249,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
         state = setup.init_state()
         train_step = setup.make_step()
         block, n_blocks = shd.process_batch_block(int(config.batch_size), setup.batch_sharding)
-        data_iter = pipeline.train_iterator(task, config, block, n_blocks)
+        # batches are sharded onto the mesh `device_prefetch` steps ahead; the checkpointed Grain state stays that of
+        # the next batch the step will consume (train/prefetch.py)
+        data_iter = DevicePrefetch(pipeline.train_iterator(task, config, block, n_blocks),
+                                   lambda b: shd.shard_batch(b, setup.batch_sharding),
+                                   int(_cfg(config.data, "device_prefetch", 2) or 1))
         manager = ckpt.make_manager(workdir, int(_cfg(config, "keep_checkpoints", 3)))
         meta = {"best": None, "bad_evals": 0, "stopped": False}
         start = 0
@@ -270,7 +275,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
         try:
             while step < total and not stopped:
                 batch = next(data_iter)
-                state, metrics = train_step(state, shd.shard_batch(batch, setup.batch_sharding))
+                state, metrics = train_step(state, batch)
                 step += 1
                 n_since += 1
                 bar.update(1)
@@ -315,8 +320,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
             manager.wait_until_finished()
             manager.close()
             writer.close()
-            if hasattr(data_iter, "close"):
-                data_iter.close()
+            data_iter.close()
     return {"step": step, "last": last, "best": meta.get("best"), "stopped": stopped}
 
 
