@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cinema_jax.errors import CinemaError, DataError
+from cinema_jax.errors import CinemaError, ConfigError, DataError
 
 
 def _load_array_file(path: Path) -> np.ndarray:
@@ -134,26 +134,83 @@ def _forward(model):
     return jax.jit(lambda p, v: model.apply({"params": p}, v, train=False))
 
 
-def denoise_array(model, params, config, series: np.ndarray, gmap: np.ndarray) -> np.ndarray:
-    """Denoise one (x, y, t) complex series in SNR units -> complex (x, y, t), padding x/y to the model's tiling."""
+def _pad_to(series: np.ndarray, gmap: np.ndarray, shape) -> tuple[np.ndarray, np.ndarray]:
+    pad = tuple((0, max(n - m, 0)) for m, n in zip(series.shape, shape))
+    small = any(p[1] >= m for p, m in zip(pad, series.shape))  # reflect needs the pad shorter than the axis
+    return np.pad(series, pad, mode="edge" if small else "reflect"), np.pad(gmap, pad, mode="edge")
+
+
+def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins along an axis of length n (>= tile): stride tile - overlap, the last tile flush with the end."""
+    if overlap < 0 or overlap >= tile:
+        raise ConfigError(f"denoise tiling: overlap {overlap} must be in [0, tile {tile})")
+    starts = list(range(0, n - tile, tile - overlap)) + [n - tile]
+    return sorted(set(starts))
+
+
+def blend_weights(tile, overlap) -> np.ndarray:
+    """Per-voxel tile weight: 1 inside, linear ramps over the overlap (never 0), so seams fade across tiles."""
+    w = np.ones(tuple(tile), np.float32)
+    for ax, (n, o) in enumerate(zip(tile, overlap)):
+        r = np.ones(n, np.float32)
+        if o > 0:
+            ramp = (np.arange(o, dtype=np.float32) + 1) / (o + 1)
+            r[:o] = ramp
+            r[n - o:] = np.minimum(r[n - o:], ramp[::-1])
+        w = w * r.reshape([-1 if i == ax else 1 for i in range(len(tile))])
+    return w
+
+
+def denoise_array(model, params, config, series: np.ndarray, gmap: np.ndarray, tile=None,
+                  overlap=(16, 16, 8), tile_batch: int = 4) -> np.ndarray:
+    """Denoise one (x, y, t) complex series in SNR units -> complex (x, y, t).
+
+    tile=None: the whole series in one forward (x/y padded to the model's window tiling). tile=(tx, ty, tt): the
+    reference's way for large series and bounded memory: overlapping tiles (`overlap` voxels per axis) run in
+    batches of `tile_batch` through one compiled forward and are blended with `blend_weights`; tx, ty must be
+    multiples of the model's window tiling (a series smaller than a tile is padded)."""
     from cinema_jax.tasks.denoise import to_model_units
 
     x, y, t = series.shape
     mult = _pad_multiple(config)
-    px, py = (-x) % mult, (-y) % mult
-    pad = ((0, px), (0, py), (0, 0))
-    s = np.pad(series, pad, mode="reflect" if (px < x and py < y) else "edge")
-    g = np.pad(gmap, pad, mode="edge")
+    forward = _forward(model)
+    if tile is None:
+        s, g = _pad_to(series, gmap, (x + (-x) % mult, y + (-y) % mult, t))
+        image, scale = to_model_units(s, g, config)
+        out = np.asarray(forward(params, image[None]))[0] * scale
+        return (out[..., 0] + 1j * out[..., 1])[:x, :y].astype(np.complex64)
+    tile, overlap = tuple(int(v) for v in tile), tuple(int(v) for v in overlap)
+    if len(tile) != 3 or len(overlap) != 3 or min(tile) < 1:
+        raise ConfigError(f"denoise tiling: tile and overlap are (x, y, t) triples, got {tile} and {overlap}")
+    if tile[0] % mult or tile[1] % mult:
+        raise ConfigError(f"denoise tiling: tile x/y {tile[:2]} must be multiples of {mult} (the model's windows)")
+    s, g = _pad_to(series, gmap, tuple(max(n, k) for n, k in zip((x, y, t), tile)))
     image, scale = to_model_units(s, g, config)
-    out = np.asarray(_forward(model)(params, image[None]))[0] * scale
-    return (out[..., 0] + 1j * out[..., 1])[:x, :y].astype(np.complex64)
+    origins = [(i, j, k) for i in tile_starts(s.shape[0], tile[0], overlap[0])
+               for j in tile_starts(s.shape[1], tile[1], overlap[1])
+               for k in tile_starts(s.shape[2], tile[2], overlap[2])]
+    w = blend_weights(tile, overlap)[..., None]
+    acc = np.zeros(s.shape + (2,), np.float32)
+    norm = np.zeros(s.shape + (1,), np.float32)
+    for b0 in range(0, len(origins), tile_batch):
+        group = origins[b0:b0 + tile_batch]
+        batch = np.zeros((tile_batch,) + tile + (image.shape[-1],), np.float32)  # fixed shape: one compile
+        for n, (i, j, k) in enumerate(group):
+            batch[n] = image[i:i + tile[0], j:j + tile[1], k:k + tile[2]]
+        pred = np.asarray(forward(params, batch))
+        for n, (i, j, k) in enumerate(group):
+            acc[i:i + tile[0], j:j + tile[1], k:k + tile[2]] += w * pred[n]
+            norm[i:i + tile[0], j:j + tile[1], k:k + tile[2]] += w
+    out = acc / norm * scale
+    return (out[..., 0] + 1j * out[..., 1])[:x, :y, :t].astype(np.complex64)
 
 
 def _panel(mag: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip((mag - lo) / max(hi - lo, 1e-12), 0, 1)
 
 
-def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = False) -> dict:
+def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = False, tile=None,
+        overlap=(16, 16, 8)) -> dict:
     """Denoise `input` with the model in `ckpt`, write results into the directory `output`; returns the summary.
 
     `model_bundle` = (model, params, config) skips checkpoint loading (tests, notebooks).
@@ -174,7 +231,8 @@ def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = Fal
         raise DataError(f"{input}: could not estimate the noise level from the background")
     out = np.empty(arr.shape, np.complex64)
     for z in range(arr.shape[2]):
-        out[:, :, z] = denoise_array(model, params, config, arr[:, :, z].astype(np.complex64) / sigma, g[:, :, z])
+        out[:, :, z] = denoise_array(model, params, config, arr[:, :, z].astype(np.complex64) / sigma, g[:, :, z],
+                                     tile=tile, overlap=overlap)
     out *= sigma
     result = out if data["complex"] else np.abs(out).astype(np.float32)
     zmid = arr.shape[2] // 2
@@ -185,6 +243,7 @@ def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = Fal
                    gmap="given" if gmap is not None else "assumed 1 everywhere",
                    noise_estimate="background Rayleigh fit (cinema_jax.data.noise.estimate_noise_sigma)",
                    median_snr_input=float(np.median(before[before > np.percentile(before, 75)]) / sigma),
+                   tiling=f"tiles {list(tile)} overlap {list(overlap)}" if tile else "whole series",
                    checkpoint=str(ckpt), seconds=0.0)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         if data["format"] in ("dicom", "nifti"):
@@ -219,7 +278,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", required=True, help="output directory (created; must not hold files)")
     parser.add_argument("--gmap", default=None, help="optional g-factor map (x, y[, z][, t]); default g = 1")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--tile", default=None, help="X,Y,T: denoise in overlapping tiles of this size (bounded "
+                        "memory; the reference uses its training cutout, e.g. 64,64,16); default: whole series")
+    parser.add_argument("--overlap", default="16,16,8", help="X,Y,T tile overlap, blended linearly (default 16,16,8)")
+
+
+def _triple(text, name):
+    try:
+        v = tuple(int(a) for a in str(text).split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 3:
+        raise ConfigError(f"--{name} must be three comma-separated integers X,Y,T, got {text!r}")
+    return v
 
 
 def run_from_args(args) -> dict:
-    return run(args.ckpt, args.input, args.output, gmap=args.gmap, overwrite=bool(getattr(args, "overwrite", False)))
+    tile = getattr(args, "tile", None)
+    return run(args.ckpt, args.input, args.output, gmap=args.gmap, overwrite=bool(getattr(args, "overwrite", False)),
+               tile=_triple(tile, "tile") if tile else None,
+               overlap=_triple(getattr(args, "overlap", "16,16,8"), "overlap"))
