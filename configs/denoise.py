@@ -40,6 +40,9 @@ def _base() -> ml_collections.ConfigDict:
         eval_crop=(128, 128, 16),
         frame_shuffle_prob=0.1,
         flip=True,
+        # reference: re-acquire at another matrix (same FOV) before the noise; ratios too small for the crop skipped
+        matrix_size_ratios=(0.5, 0.75, 1.0, 1.25, 1.5),
+        matrix_size_prob=0.5,
     ))
     # noise synthesis, see cinema_jax.data.noise.DEFAULTS; the phantom is noise-free -> clean_noise_std 0 and the
     # SNR (of the 95th-percentile magnitude) is drawn directly
@@ -83,6 +86,7 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
     c.data.n_frames = 8
     c.data.crop = (32, 32, 8)
     c.data.eval_crop = (64, 64, 8)
+    c.data.matrix_size_prob = 0.0  # the README's smoke ablation table was measured without it
     c.noise.snr_range = (2.0, 12.0)
     return c
 

@@ -144,6 +144,28 @@ def resolution_filter(n: int, ratio: float) -> np.ndarray:
     return f
 
 
+def adjust_matrix_size(image: np.ndarray, ratio: float) -> np.ndarray:
+    """Re-acquire a complex (X, Y, ...) series with round(ratio * matrix) pixels over the same field of view.
+
+    Why (the reference's matrix-size augmentation): the model must meet the pixel sizes of many protocols. Done in
+    k-space like a scanner: ratio < 1 keeps the central k-space (larger pixels; per-pixel signal grows by
+    sqrt(N / M) and unit white noise stays unit: SNR units stay true), ratio > 1 zero-pads k-space scaled by
+    sqrt(M / N) (sinc interpolation: intensities kept; unit noise stays unit, now correlated)."""
+    nx, ny = image.shape[:2]
+    mx, my = max(1, round(ratio * nx)), max(1, round(ratio * ny))
+    if (mx, my) == (nx, ny):
+        return image
+    k = fftc(image, axes=(0, 1))
+    if mx <= nx and my <= ny:
+        x0, y0 = (nx - mx) // 2, (ny - my) // 2
+        return ifftc(k[x0:x0 + mx, y0:y0 + my], axes=(0, 1))
+    if mx >= nx and my >= ny:
+        px, py = (mx - nx) // 2, (my - ny) // 2
+        pad = [(px, mx - nx - px), (py, my - ny - py)] + [(0, 0)] * (image.ndim - 2)
+        return ifftc(np.pad(k, pad), axes=(0, 1)) * math.sqrt(mx * my / (nx * ny))
+    raise ValueError(f"matrix size ratio {ratio} must change both axes the same way")
+
+
 def _pick(rng: np.random.Generator, options):
     options = list(options)
     return options[int(rng.integers(0, len(options)))]

@@ -174,6 +174,12 @@ class DenoiseTask(_TaskBase):
             if rng.random() < 0.5:
                 clean = clean[:, ::-1]
         crop = tuple(int(v) for v in (d.crop if train else d.eval_crop))
+        prob = float(d.get("matrix_size_prob", 0.0))
+        if train and prob > 0 and rng.random() < prob:  # no draw at prob 0: earlier runs' streams are unchanged
+            fits = [r for r in d.matrix_size_ratios
+                    if round(r * clean.shape[0]) >= crop[0] and round(r * clean.shape[1]) >= crop[1]]
+            if fits:
+                clean = noise_lib.adjust_matrix_size(clean, float(fits[int(rng.integers(len(fits)))]))
         if clean.shape[2] < crop[2]:  # short series: repeat frames cyclically
             clean = np.concatenate([clean] * math.ceil(crop[2] / clean.shape[2]), axis=2)
         out = noise_lib.synthesize(np.ascontiguousarray(clean), rng, noise_config(config, train))

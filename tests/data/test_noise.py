@@ -183,3 +183,20 @@ def test_estimate_noise_sigma_without_air_uses_tissue():
     rng = np.random.default_rng(10)
     mag = np.abs(np.full((96, 96, 4), 200.0, np.complex64) + N.complex_noise(4.0, (96, 96, 4), rng))
     assert N.estimate_noise_sigma(mag) == pytest.approx(4.0, rel=0.1)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75, 1.25, 1.5])
+def test_matrix_size_change_keeps_snr_units(ratio):
+    """k-space re-acquisition at another matrix: unit white noise stays unit; a flat signal is kept when enlarging
+    and grows by sqrt(N / M) when the pixels get larger (the per-pixel SNR a scanner would give)."""
+    rng = np.random.default_rng(0)
+    n = 96
+    noise = N.complex_noise(1.0, (n, n, 16), rng)
+    out = N.adjust_matrix_size(noise, ratio)
+    m = round(ratio * n)
+    assert out.shape == (m, m, 16)
+    assert np.std(out.real) == pytest.approx(1.0, abs=0.03) and np.std(out.imag) == pytest.approx(1.0, abs=0.03)
+    flat = N.adjust_matrix_size(np.full((n, n, 2), 3.0 + 1.0j), ratio)
+    expect = (3.0 + 1.0j) * (n / m if ratio < 1 else 1.0)
+    np.testing.assert_allclose(flat[m // 2, m // 2], expect, rtol=1e-6)
+    assert N.adjust_matrix_size(noise, 1.0) is noise

@@ -25,6 +25,22 @@ def test_transform_layout_and_determinism():
     assert ev["image"].shape == (64, 64, 8, 3)
 
 
+def test_matrix_size_augmentation():
+    c = get_config("smoke")
+    rec = TASK.records(c, "train")[0]
+    c.data.matrix_size_prob, c.data.matrix_size_ratios = 1.0, (0.25,)  # 64 -> 16 < crop 32: skipped
+    skipped = TASK.transform(rec, np.random.default_rng(3), c, True)
+    c.data.matrix_size_prob, c.data.matrix_size_ratios = 0.0, (1.0,)
+    plain = TASK.transform(rec, np.random.default_rng(3), c, True)
+    c.data.matrix_size_prob, c.data.matrix_size_ratios = 1.0, (1.5,)
+    bigger = TASK.transform(rec, np.random.default_rng(3), c, True)
+    for s in (skipped, bigger):
+        assert s["image"].shape == (32, 32, 8, 3) and np.all(np.isfinite(s["image"]))
+    assert skipped["clean"].shape == plain["clean"].shape
+    # a 1.5x matrix (same FOV) shows the heart 1.5x larger in pixels: its clean crop is not the plain one
+    assert np.abs(bigger["clean"] - plain["clean"]).max() > 0.1 * np.abs(plain["clean"]).max()
+
+
 def test_ablations_share_the_eval_samples():
     c = get_config("smoke")
     rec = TASK.records(c, "val")[1]
