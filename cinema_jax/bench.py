@@ -547,8 +547,8 @@ def run_memory_fit(config) -> dict[str, Any]:
                       f"(compile {cs:.0f} s)", file=sys.stderr, flush=True)
             return peak[bpd]
 
-        # memory is affine in the batch (static + per-sample * batch): two compiles predict the largest batch, then
-        # compiles bracket it (largest known fit, smallest known miss) and bisect, so the figure reported is compiled
+        # memory is near-affine in the batch: two compiles predict the largest batch, then compiles bracket it
+        # (largest known fit, smallest known miss) and narrow it by secant steps: the figure reported is compiled
         m1, m2 = measure(1), measure(2)
         per_sample = max(m2 - m1, 1)
         static = m1 - per_sample
@@ -565,8 +565,10 @@ def run_memory_fit(config) -> dict[str, Any]:
                 if hi is None and lo < cap and bool(m.check):
                     hi = lo + 1 if measure(lo + 1) > budget else None
                     lo = lo if hi is not None else lo + 1
-            while hi is not None and hi - lo > 1:
-                mid = (lo + hi) // 2
+            while hi is not None and hi - lo > 1:  # secant between the bracket's compiled peaks (near-affine)
+                slope = (peak[hi] - peak[lo]) / (hi - lo)
+                mid = lo + int((budget - peak[lo]) // slope) if slope > 0 else (lo + hi) // 2
+                mid = min(max(mid, lo + 1), hi - 1)
                 lo, hi = (mid, hi) if measure(mid) <= budget else (lo, mid)
             fit = lo
         results[str(size)] = {"largest_batch_per_device": fit, "static_bytes_est": int(static),
