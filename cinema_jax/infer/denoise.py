@@ -117,15 +117,6 @@ def _load_model(ckpt):
     return TASK.make_model(config), params, config
 
 
-def _pad_multiple(config) -> int:
-    m = config.model
-    from cinema_jax.models.imaging_transformer import SIZES
-
-    levels = len(tuple(m.block_str) or SIZES[m.size]["block_str"])
-    window = max(tuple(m.window)) if m.size != "tiny" else max(SIZES["tiny"]["window"])
-    return int(window * 2 ** (levels - 1))
-
-
 @functools.lru_cache(maxsize=4)
 def _forward(model):
     """One jitted forward per model (Linen modules are hashable), so every slice of a series reuses the compile."""
@@ -138,14 +129,6 @@ def _pad_to(series: np.ndarray, gmap: np.ndarray, shape) -> tuple[np.ndarray, np
     pad = tuple((0, max(n - m, 0)) for m, n in zip(series.shape, shape))
     small = any(p[1] >= m for p, m in zip(pad, series.shape))  # reflect needs the pad shorter than the axis
     return np.pad(series, pad, mode="edge" if small else "reflect"), np.pad(gmap, pad, mode="edge")
-
-
-def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    """Tile origins along an axis of length n (>= tile): stride tile - overlap, the last tile flush with the end."""
-    if overlap < 0 or overlap >= tile:
-        raise ConfigError(f"denoise tiling: overlap {overlap} must be in [0, tile {tile})")
-    starts = list(range(0, n - tile, tile - overlap)) + [n - tile]
-    return sorted(set(starts))
 
 
 def blend_weights(tile, overlap) -> np.ndarray:
@@ -165,25 +148,24 @@ def denoise_array(model, params, config, series: np.ndarray, gmap: np.ndarray, t
                   overlap=(16, 16, 8), tile_batch: int = 4) -> np.ndarray:
     """Denoise one (x, y, t) complex series in SNR units -> complex (x, y, t).
 
-    tile=None: the whole series in one forward (x/y padded to the model's window tiling). tile=(tx, ty, tt): the
-    reference's way for large series and bounded memory: overlapping tiles (`overlap` voxels per axis) run in
-    batches of `tile_batch` through one compiled forward and are blended with `blend_weights`; tx, ty must be
-    multiples of the model's window tiling (a series smaller than a tile is padded)."""
+    tile=None: the whole series in one forward (the model cuts x, y into its build-size tiles itself; temporal
+    attention sees every frame). tile=(tx, ty, tt): the reference's inference, bounded memory for long or large
+    series: overlapping tiles (`overlap` voxels per axis) run in batches of `tile_batch` through one compiled
+    forward and are blended with `blend_weights` (a series smaller than a tile is padded)."""
+    from cinema_jax.models.imaging_transformer import tile_starts
     from cinema_jax.tasks.denoise import to_model_units
 
     x, y, t = series.shape
-    mult = _pad_multiple(config)
     forward = _forward(model)
-    if tile is None:
-        s, g = _pad_to(series, gmap, (x + (-x) % mult, y + (-y) % mult, t))
-        image, scale = to_model_units(s, g, config)
+    if tile is None:  # the model pads / tiles x, y to its own build size itself
+        image, scale = to_model_units(series, gmap, config)
         out = np.asarray(forward(params, image[None]))[0] * scale
-        return (out[..., 0] + 1j * out[..., 1])[:x, :y].astype(np.complex64)
+        return (out[..., 0] + 1j * out[..., 1]).astype(np.complex64)
     tile, overlap = tuple(int(v) for v in tile), tuple(int(v) for v in overlap)
     if len(tile) != 3 or len(overlap) != 3 or min(tile) < 1:
         raise ConfigError(f"denoise tiling: tile and overlap are (x, y, t) triples, got {tile} and {overlap}")
-    if tile[0] % mult or tile[1] % mult:
-        raise ConfigError(f"denoise tiling: tile x/y {tile[:2]} must be multiples of {mult} (the model's windows)")
+    if any(o < 0 or o >= k for o, k in zip(overlap, tile)):
+        raise ConfigError(f"denoise tiling: overlap {overlap} must be in [0, tile {tile}) per axis")
     s, g = _pad_to(series, gmap, tuple(max(n, k) for n, k in zip((x, y, t), tile)))
     image, scale = to_model_units(s, g, config)
     origins = [(i, j, k) for i in tile_starts(s.shape[0], tile[0], overlap[0])
