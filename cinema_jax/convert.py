@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cinema_jax.errors import CheckpointError
+from cinema_jax.errors import CheckpointError, ConfigError
 
 DICT_MODULES = ("enc_down", "enc_fusion", "dec_embed", "pred_head", "dec_conv_blocks", "dec_down_blocks",
                 "dec_image_conv_block", "decoder")
@@ -505,6 +505,13 @@ def _parse_sizes(items: list[str] | None) -> dict[str, list[int]] | None:
 def cmd_import(args: argparse.Namespace) -> int:
     from cinema_jax.train.checkpoint import save_params
 
+    if args.kind == "snraware":
+        from cinema_jax import convert_snraware
+
+        if not args.ref_config:
+            raise ConfigError("--kind snraware needs --ref-config (the reference's training .yaml)")
+        return convert_snraware.cmd_import(args.src, args.ref_config, args.out_dir)
+
     sd = load_state_dict(args.src)
     cfg = infer_model_config(sd, args.kind, _load_meta(args.meta), args.size, _parse_sizes(args.image_size))
     _, params = import_state_dict(sd, args.kind, cfg, str(args.src))
@@ -566,10 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cinema-jax convert",
                                      description="reference PyTorch CineMA weights <-> cinema-jax checkpoints")
     sub = parser.add_subparsers(dest="action", required=True)
-    imp = sub.add_parser("import", help="reference state dict (.safetensors / .pt) -> checkpoint directory")
+    imp = sub.add_parser("import", help="reference state dict (.safetensors / .pt; SNRAware also .pts / .ckpt) "
+                                        "-> checkpoint directory")
     imp.add_argument("src")
     imp.add_argument("out_dir")
-    imp.add_argument("--kind", required=True, choices=KINDS)
+    imp.add_argument("--kind", required=True, choices=(*KINDS, "snraware"))
+    imp.add_argument("--ref-config", help="snraware: the reference's training config (.yaml / .json)")
     imp.add_argument("--meta", help="meta.json with views, image sizes, patch sizes, dims, heads (fixture format)")
     imp.add_argument("--size", choices=("tiny", "base", "large", "huge"), help="ViT size (for the head counts)")
     imp.add_argument("--image-size", action="append", metavar="VIEW=X,Y[,Z]",

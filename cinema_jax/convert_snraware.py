@@ -479,3 +479,40 @@ def snraware_fixture_outputs(fixture_dir: str | Path, name: str = "hrnet") -> di
         y = jax.jit(lambda p, v: model.apply({"params": p}, v, train=False))(
             jax.tree_util.tree_map(jnp.asarray, params), jnp.asarray(x))
     return {"output": to_reference_layout(np.asarray(y, np.float32))}
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def denoise_config(model_kwargs: Mapping[str, Any], source: str):
+    """A `configs/denoise.py:paper` config whose model is the converted one, so `cinema-jax infer denoise` and
+    fine-tuning (`--config.init_from`) can use the imported checkpoint."""
+    from cinema_jax.config import load_base
+
+    config = load_base(str(Path(__file__).resolve().parents[1] / "configs" / "denoise.py") + ":paper")
+    m = config.model
+    m.backbone, m.width, m.heads = model_kwargs["backbone"], int(model_kwargs["width"]), int(model_kwargs["heads"])
+    m.block_str, m.window = tuple(model_kwargs["block_str"]), tuple(model_kwargs["window"])
+    m.patch, m.image_size = tuple(model_kwargs["patch"]), tuple(model_kwargs["image_size"])
+    m.mixer_ratio, m.drop_path = float(model_kwargs["mixer_ratio"]), float(model_kwargs["drop_path"])
+    config.precision = "float32"  # the reference numerics; bf16 is a training-time choice
+    config = config.to_dict()
+    config["converted_from"] = source
+    return config
+
+
+def cmd_import(src: str | Path, ref_config: str | Path, out_dir: str | Path) -> int:
+    """`cinema-jax convert import --kind snraware SRC OUT_DIR --ref-config CONFIG.yaml` -> params checkpoint."""
+    from cinema_jax.train.checkpoint import save_params
+
+    cfg = load_config(ref_config)
+    kw = model_kwargs_from_config(cfg, str(ref_config))
+    _, params = import_state_dict(load_state_dict(src), kw, Path(src).name)
+    save_params(out_dir, params, denoise_config(kw, str(src)))
+    n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
+    print(f"imported snraware {kw['backbone']} ({n:,} params, tile {kw['image_size']}) from {src} -> {out_dir}")
+    return 0
+
+
+def _leaves(tree: Any) -> list:
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)

@@ -27,7 +27,8 @@ def _base() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-6, warmup_steps=1000, weight_decay=0.0, b1=0.9,
                                              b2=0.99, clip_norm=1.0, layer_decay=0.0, schedule="cosine"))
     c.model = ml_collections.ConfigDict(dict(size="small", backbone="hrnet", block_str=(), width=0, heads=0,
-                                             window=(8, 8), patch=(4, 4), mixer_ratio=4.0, drop_path=0.1))
+                                             window=(8, 8), patch=(4, 4), mixer_ratio=4.0, drop_path=0.1,
+                                             image_size=()))  # () = the size's build/tile size (small: 64x64)
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic",
         worker_count=0,

@@ -103,3 +103,28 @@ def test_torch_files_read_without_torch(name):
         assert sorted(sd) == sorted(z.files)  # float tensors only; int / bool buffers dropped
         for k in z.files:
             np.testing.assert_array_equal(sd[k], z[k])
+
+
+def test_cli_import_gives_a_checkpoint_that_infer_denoise_uses(tmp_path):
+    """`cinema-jax convert import --kind snraware` writes a params checkpoint + denoise config; the inference path
+    loads it and reproduces the reference output."""
+    import jax
+
+    from cinema_jax.cli import main as cli_main
+    from cinema_jax.convert_snraware import to_model_layout, to_reference_layout
+    from cinema_jax.infer import denoise as infer
+
+    ref_cfg = tmp_path / "ref.json"
+    ref_cfg.write_text(json.dumps(fixture_config(FIX, "hrnet")))
+    out = tmp_path / "ckpt"
+    assert cli_main(["convert", "import", "--kind", "snraware", str(FIX / "hrnet.safetensors"), str(out),
+                     "--ref-config", str(ref_cfg)]) == 0
+    model, params, config = infer._load_model(out)
+    assert config.task == "denoise" and tuple(config.model.image_size) == tuple(model.image_size)
+    with np.load(FIX / "hrnet.npz") as z:
+        x, ref = to_model_layout(z["input"]).astype(np.float32), z["output"]
+    with jax.default_matmul_precision("float32"):
+        y = to_reference_layout(np.asarray(infer._forward(model)(params, x)))
+    assert float(np.max(np.abs(y - ref))) <= 1e-4
+    assert cli_main(["convert", "import", "--kind", "snraware", str(FIX / "hrnet.safetensors"),
+                     str(tmp_path / "x")]) == 2  # no --ref-config: one-line error
