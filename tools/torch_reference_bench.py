@@ -1,0 +1,102 @@
+"""Time the PyTorch CineMA reference's MAE train step on this machine, for the side-by-side in README "Performance".
+
+Not part of the package (PyTorch is not a dependency): run it with a separate Python that has torch, timm and the
+reference package (`mathpluscode/CineMA`, tested at commit 4e352ac) importable, e.g.
+
+    python3.11 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm \
+        einops omegaconf huggingface_hub monai safetensors
+    PYTHONPATH=/path/to/CineMA /tmp/torchvenv/bin/python tools/torch_reference_bench.py --batch 2 --threads 2
+
+It builds the reference model with its own `get_model` from its pretraining config (MAE-base, SAX 192x192x16 and
+three LAX 256x256 views, conv stem (64, 128) x 2 blocks, gradient checkpointing as configured there), and times the
+step its pretraining loop runs: forward with mask ratio 0.75, backward, gradient clipping at 5, AdamW (betas 0.9,
+0.95, weight decay 0.05 without bias/norm). It prints one JSON line with the fields our bench uses for the same step
+(`python -m cinema_jax.bench --config=configs/bench.py:mae_base --config.remat=block`): step_time_s (median),
+samples_per_s, flops_per_step (torch's FlopCounterMode over one step), achieved_flops_per_s, and the float32 peak of
+a 2048^2 matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+
+def _matmul_peak(torch, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--grad-ckpt", choices=("config", "on", "off"), default="config")
+    args = ap.parse_args()
+
+    import cinema
+    import torch
+    from cinema.mae.mae import get_model
+    from omegaconf import OmegaConf
+    from timm.optim import param_groups_weight_decay
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg_path = os.path.join(os.path.dirname(cinema.__file__), "mae", "config.yaml")
+    cfg = OmegaConf.load(cfg_path)
+    if args.grad_ckpt != "config":
+        cfg.grad_ckpt = args.grad_ckpt == "on"
+    model = get_model(cfg)
+    model.train()
+    opt = torch.optim.AdamW(param_groups_weight_decay(model, weight_decay=cfg.train.weight_decay),
+                            lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    sizes = {"sax": tuple(cfg.data.sax.patch_size), **{v: tuple(cfg.data.lax.patch_size)
+                                                        for v in ("lax_2c", "lax_3c", "lax_4c")}}
+    batch = {v: torch.rand(args.batch, 1, *s) for v, s in sizes.items() if v in cfg.model.views}
+
+    def step() -> float:
+        loss = model(batch, cfg.train.enc_mask_ratio)[0]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()  # also the first warm-up step
+    flops = float(counter.get_total_flops())
+    for _ in range(max(args.warmup - 1, 0)):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    peak = _matmul_peak(torch)
+    print(json.dumps({
+        "name": "torch_reference_mae_base", "framework": f"torch {torch.__version__}", "threads": args.threads,
+        "batch_size": args.batch, "grad_ckpt": bool(cfg.grad_ckpt), "step_time_s": t, "step_times_s": times,
+        "samples_per_s": args.batch / t, "flops_per_step": flops, "achieved_flops_per_s": flops / t,
+        "matmul_peak_flops_per_s": peak, "peak_fraction": flops / t / peak,
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
