@@ -4,7 +4,7 @@ The published checkpoints (Hugging Face `microsoft/SNRAware`: small / large, eac
 training `.yaml`) load directly: `load_snraware("snraware_small_model.pts", "snraware_small_model.yaml")` ->
 (model, params). Torch is not a dependency: TorchScript archives and torch zip checkpoints (`.pth` / `.pt` /
 Lightning `.ckpt`) are read by a restricted unpickler that only rebuilds tensors and module attribute trees (every
-other pickled object becomes an inert placeholder; nothing is imported or executed). To get a plain state dict
+other pickled object is rebuilt as an inert stand-in object; nothing is imported or executed). To get a plain state dict
 instead, export it once with torch installed elsewhere (one command, run outside this package):
 
     python -c "import sys, torch, safetensors.torch as st; \
@@ -501,18 +501,14 @@ def denoise_config(model_kwargs: Mapping[str, Any], source: str):
 
 def cmd_import(src: str | Path, ref_config: str | Path, out_dir: str | Path) -> int:
     """`cinema-jax convert import --kind snraware SRC OUT_DIR --ref-config CONFIG.yaml` -> params checkpoint."""
+    import jax
+
     from cinema_jax.train.checkpoint import save_params
 
     cfg = load_config(ref_config)
     kw = model_kwargs_from_config(cfg, str(ref_config))
     _, params = import_state_dict(load_state_dict(src), kw, Path(src).name)
     save_params(out_dir, params, denoise_config(kw, str(src)))
-    n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
+    n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
     print(f"imported snraware {kw['backbone']} ({n:,} params, tile {kw['image_size']}) from {src} -> {out_dir}")
     return 0
-
-
-def _leaves(tree: Any) -> list:
-    import jax
-
-    return jax.tree_util.tree_leaves(tree)

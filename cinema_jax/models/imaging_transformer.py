@@ -48,7 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cinema_jax.models.layers import boxed, normal_init, ones, torch_conv_bias_init, zeros
+from cinema_jax.models.layers import DropPath, boxed, normal_init, ones, torch_conv_bias_init, zeros
 
 Dtype = Any
 
@@ -224,20 +224,6 @@ class FrameNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-class DropPath(nn.Module):
-    """Stochastic depth on a residual branch (the reference's `dropout_p`, per sample), rng stream 'droppath'."""
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        if not train or self.rate <= 0:
-            return x
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("droppath"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return jnp.where(mask, x / keep, 0).astype(x.dtype)
-
-
 def _unit(x):
     """x / max(||x||, 1e-12) over the last axis (cosine attention)."""
     return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)), 1e-12)
@@ -354,13 +340,13 @@ class Cell(nn.Module):
         grid, patch = (g.local_grid, g.local_patch) if mode == "local" else (g.global_grid, g.global_patch)
         y = Attention(mode, c, self.heads, grid, patch, self.position_bias and mode != "temporal", dtype=self.dtype,
                       name="attn")(y, train)
-        x = skip.astype(self.dtype) + DropPath(self.drop_path)(y, train)
+        x = skip.astype(self.dtype) + DropPath(self.drop_path)(y, not train)
         y = FrameNorm(dtype=self.dtype, name="norm2")(x)
         y = FrameConv(int(self.mixer_ratio * c), 3, ("embed", "mlp"), self.dtype, name="mixer_in")(y)
         slope = self.param("prelu", boxed(nn.initializers.constant(0.25), (None,)), (1,), jnp.float32)
         y = jnp.where(y >= 0, y, jnp.asarray(slope[0], y.dtype) * y)
         y = FrameConv(c, 3, ("mlp", "embed"), self.dtype, name="mixer_out")(y)
-        return x + DropPath(self.drop_path)(y, train)
+        return x + DropPath(self.drop_path)(y, not train)
 
 
 class Block(nn.Module):
