@@ -48,13 +48,14 @@ def _common(name: str, mode: str, train: ml_collections.ConfigDict) -> ml_collec
     c.batch_size = 2  # global batch
     c.precision = "float32"
     c.remat = "none"
+    c.attention = "explicit"  # explicit | xla | cudnn (see models.layers.attention)
     c.grad_accum = 1
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.n_devices = 0  # 0 = all visible devices
     c.warmup_steps = 2  # untimed steps after compilation
     c.timed_steps = 5  # median over these
     c.matmul_size = 2048  # square matmul for the peak-FLOP/s reference (per device)
-    c.matmul_reps = 5
+    c.matmul_reps = 10  # the peak is the fastest call, measured before and after the timed steps
     c.hlo_stats = True  # count collectives in the compiled HLO
     c.collective_probe = True  # time an isolated all-reduce of the step's collective volume (multi-device)
     c.train = train

@@ -31,6 +31,7 @@ def _base() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.precision = "bfloat16"
     c.remat = "block"
+    c.attention = "explicit"  # softmax attention: explicit (head-major, hand-written grad) | xla | cudnn (GPU)
     c.grad_accum = 1
     c.eval_batch_size = 0  # 0 = batch_size
     c.data = ml_collections.ConfigDict(dict(

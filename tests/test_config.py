@@ -12,7 +12,7 @@ def test_variants_and_contract_keys():
     smoke = load_config(SPEC)
     assert smoke.batch_size % 8 == 0 and smoke.task == "pretrain_mae"
     for key in ("seed", "total_steps", "log_every", "checkpoint_every", "eval_every", "image_every",
-                "keep_checkpoints", "precision", "remat", "grad_accum", "init_from", "freeze_encoder"):
+                "keep_checkpoints", "precision", "remat", "attention", "grad_accum", "init_from", "freeze_encoder"):
         assert key in smoke
     assert set(smoke.mesh) == {"data", "fsdp", "tensor"}
     base = load_config("configs/mae_pretrain.py:base")
@@ -42,6 +42,7 @@ def test_typed_overrides():
     ("data.sax_size=a,b", "list of numbers"),
     ("total_steps=0", "must be > 0"),
     ("precision=fp8", "float32 or bfloat16"),
+    ("attention=flash", "explicit, xla or cudnn"),
     ("mesh.data=0", "mesh.data"),
     ("novalue", "key.sub=value"),
 ])

@@ -76,7 +76,7 @@ class StudyTask(_TaskBase):
 
         view = task_view(config)
         return build_convvit(model_config(config, view, out_chans=self.out_chans(config)), dtype=model_dtype(config),
-                             remat=cfg_get(config, "remat", "none"))
+                             remat=cfg_get(config, "remat", "none"), attention_impl=cfg_get(config, "attention"))
 
     def source(self, config, split: str):
         return make_source(config, split, phases=("ed",))

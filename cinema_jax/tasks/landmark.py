@@ -81,7 +81,8 @@ class LandmarkTask(_TaskBase):
         view = task_view(config)
         if view == "sax":
             raise ConfigError("landmarks live on LAX views: set data.view to lax_2c, lax_3c or lax_4c")
-        kw = dict(dtype=model_dtype(config), remat=cfg_get(config, "remat", "none"))
+        kw = dict(dtype=model_dtype(config), remat=cfg_get(config, "remat", "none"),
+                  attention_impl=cfg_get(config, "attention"))
         if self.kind(config) == "heatmap":
             return build_convunetr(model_config(config, view, out_chans=N_LANDMARKS), **kw)
         return build_convvit(model_config(config, view, out_chans=2 * N_LANDMARKS), **kw)

@@ -51,7 +51,8 @@ class PretrainMAE(Task):
         model_cfg = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
         model_cfg["views"] = list(self.views(config))
         model_cfg["image_size"] = {v: list(self.image_size(config, v)) for v in self.views(config)}
-        return build_mae(model_cfg, dtype=config.get("precision", "float32"), remat=config.get("remat", "none"))
+        return build_mae(model_cfg, dtype=config.get("precision", "float32"), remat=config.get("remat", "none"),
+                         attention_impl=config.get("attention"))
 
     def source(self, config, split: str):
         import grain

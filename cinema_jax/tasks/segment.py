@@ -374,7 +374,7 @@ class SegmentTask(_TaskBase):
 
         view = task_view(config)
         return build_convunetr(model_config(config, view), dtype=model_dtype(config),
-                               remat=cfg_get(config, "remat", "none"))
+                               remat=cfg_get(config, "remat", "none"), attention_impl=cfg_get(config, "attention"))
 
     def source(self, config, split: str):
         return make_source(config, split)
