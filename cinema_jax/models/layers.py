@@ -178,53 +178,49 @@ def _same_pad(x: Array, k: tuple[int, ...]) -> Array:
     return jnp.pad(x, [(0, 0)] + [((kk - 1) // 2, kk // 2) for kk in k] + [(0, 0)])
 
 
-def _depthwise3d_planes(x: Array, w: Array) -> Array:
-    """3-D depth-wise conv as a sum over the depth taps of 2-D depth-wise lax convs over (B*Z)."""
-    b, nx, ny, nz, c = x.shape
-    kz = w.shape[2]
-    xp = jnp.pad(x, [(0, 0), (0, 0), (0, 0), ((kz - 1) // 2, kz // 2), (0, 0)])
-    y = None
-    for dz in range(kz):
-        tap = xp[:, :, :, dz:dz + nz].transpose(0, 3, 1, 2, 4).reshape(b * nz, nx, ny, c)
-        tap = _lax_conv(tap, w[:, :, dz], (1, 1), "SAME", c)
-        y = tap if y is None else y + tap
-    return y.reshape(b, nz, nx, ny, c).transpose(0, 2, 3, 1, 4)
+def _depthwise_kernel_grad(x: Array, g: Array, k: tuple[int, ...]) -> Array:
+    """dw[d..., c] = sum over (b, p...) of x_pad[b, p + d, c] * g[b, p, c], for a 2-D or 3-D depth-wise kernel k.
+
+    One fused multiply-reduce per offset of the leading kernel axes, over the shifts of the last axis, with barriers
+    between the groups (XLA otherwise merges them and materialises the products). XLA's own kernel gradient of a
+    depth-wise conv is a dense (C x C) correlation whose diagonal is kept: C times the work, and ~3.7 s of the
+    MAE-base CPU step (notes/perf.md)."""
+    spatial = x.shape[1:-1]
+    xp = _same_pad(x, k).astype(jnp.float32)
+    g = g.astype(jnp.float32)
+    rows = []
+    for lead in itertools.product(*(range(kk) for kk in k[:-1])):
+        if rows:
+            xp, g = jax.lax.optimization_barrier((xp, g))
+        taps = [xp[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(lead + (d,), spatial))] * g
+                for d in range(k[-1])]
+        rows.append(jnp.sum(jnp.stack(taps), axis=tuple(range(1, x.ndim))))
+    return jnp.stack(rows).reshape(k + (1, x.shape[-1]))
 
 
 @jax.custom_vjp
-def _depthwise3d(x: Array, w: Array) -> Array:
-    return _taps(_same_pad(x, w.shape[:3]), w, x.shape[1:4])
-
-
-def _depthwise3d_fwd(x, w):
-    return _depthwise3d(x, w), (x, w)
-
-
-def _depthwise3d_bwd(res, g):
-    """Input grad: the same fused taps with the kernel flipped (a correlation's transpose), ~3x faster than the 2-D
-    planes' transposed convs. Kernel grad: the planes form's (XLA's 2-D grouped kernel gradient)."""
-    x, w = res
-    k = w.shape[:3]
-    g_pad = jax.lax.optimization_barrier(jnp.pad(g, [(0, 0)] + [(kk // 2, (kk - 1) // 2) for kk in k] + [(0, 0)]))
-    dx = _taps(g_pad, w[::-1, ::-1, ::-1], x.shape[1:4])
-    dw = jax.vjp(lambda w_: _depthwise3d_planes(x, w_), w)[1](g)[0]
-    return dx, dw
-
-
-_depthwise3d.defvjp(_depthwise3d_fwd, _depthwise3d_bwd)
-
-
 def _depthwise_same(x: Array, w: Array) -> Array:
-    """Depth-wise conv, stride 1, 'SAME' padding, without XLA:CPU's 3-D grouped convolution (10-20x slower here).
+    """Depth-wise conv, stride 1, 'SAME' padding, without XLA:CPU's grouped convolution (10-20x slower here in 3-D).
 
-    2-D: a sum over the kernel taps of shifted inputs times per-channel weights (one fused loop).
-    3-D: forward and input gradient as the same fused taps (~3x faster than the alternatives); the kernel gradient
-    from the sum over depth taps of 2-D depth-wise convs over (B*Z): autodiff of the taps would materialise ~10x more
-    temporaries (+8 GB in the MAE-base step), and XLA's own grouped 3-D gradient is the slow path (notes/perf.md)."""
+    Forward and input gradient are sums of shifted inputs times per-channel weights (fused loops; the input gradient
+    uses the flipped kernel); the kernel gradient is `_depthwise_kernel_grad`. Autodiff of the taps would
+    materialise ~10x more temporaries (+8 GB in the MAE-base step) (notes/perf.md)."""
+    return _taps(_same_pad(x, w.shape[:-2]), w, x.shape[1:-1])
+
+
+def _depthwise_fwd(x, w):
+    return _depthwise_same(x, w), (x, w)
+
+
+def _depthwise_bwd(res, g):
+    x, w = res
     k = w.shape[:-2]
-    if len(k) == 3:
-        return _depthwise3d(x, w)
-    return _taps(_same_pad(x, k), w, x.shape[1:-1])
+    g_pad = jax.lax.optimization_barrier(jnp.pad(g, [(0, 0)] + [(kk // 2, (kk - 1) // 2) for kk in k] + [(0, 0)]))
+    dx = _taps(g_pad, w[tuple(slice(None, None, -1) for _ in k)], x.shape[1:-1])
+    return dx, _depthwise_kernel_grad(x, g, k).astype(w.dtype)
+
+
+_depthwise_same.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class Conv(nn.Module):

@@ -1,4 +1,4 @@
-"""layers.Conv's cheaper lowerings (matmul, patch matmul, depth-wise taps / planes with a custom gradient) give the
+"""layers.Conv's cheaper lowerings (matmul, patch matmul, depth-wise taps with a custom gradient) give the
 same values and gradients as XLA's plain convolution."""
 
 import jax
@@ -19,6 +19,7 @@ CASES = [  # (input shape, kernel, strides, padding, groups, out)
     ((2, 12, 10, 6, 8), (5, 5, 5), (1, 1, 1), "SAME", 8, 8),  # 3-D depth-wise (SAX stem)
     ((2, 9, 10, 6, 4), (4, 3, 2), (1, 1, 1), "SAME", 4, 4),  # 3-D depth-wise, even and mixed kernel (asymmetric pad)
     ((2, 12, 10, 8), (5, 5), (1, 1), "SAME", 8, 8),  # 2-D depth-wise (LAX stem)
+    ((2, 9, 10, 4), (2, 3), (1, 1), "SAME", 4, 4),  # 2-D depth-wise, even kernel
     ((2, 8, 8, 4, 6), (1, 1, 1), (1, 1, 1), "SAME", 1, 5),  # 1x1 -> matmul
     ((2, 8, 8, 4, 3), (2, 2, 1), (2, 2, 1), "VALID", 1, 5),  # kernel == stride -> patch matmul
     ((2, 8, 8, 4, 3), (3, 3, 3), (1, 1, 1), "SAME", 1, 4),  # generic
