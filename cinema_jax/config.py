@@ -207,8 +207,8 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key {key!r} must be >= 0, got {config[key]}")
     if "precision" in config and config.precision not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'precision' must be float32 or bfloat16, got {config.precision!r}")
-    if "remat" in config and config.remat not in ("none", "block", "full"):
-        raise ConfigError(f"config key 'remat' must be none, block or full, got {config.remat!r}")
+    if "remat" in config and config.remat not in ("none", "block", "dots", "full"):
+        raise ConfigError(f"config key 'remat' must be none, block, dots or full, got {config.remat!r}")
     if "attention" in config and config.attention not in ("explicit", "xla", "cudnn"):
         raise ConfigError(f"config key 'attention' must be explicit, xla or cudnn, got {config.attention!r}")
     if "grad_accum" in config and "batch_size" in config and config.batch_size % config.grad_accum:

@@ -363,7 +363,10 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        cell_cls = nn.remat(Cell, static_argnums=(2,)) if self.remat in ("block", "full") else Cell
+        cell_cls = Cell
+        if self.remat in ("block", "full", "dots"):  # 'dots' keeps the matmul outputs (see layers.block_class)
+            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
+            cell_cls = nn.remat(Cell, static_argnums=(2,), policy=policy)
         for i, kind in enumerate(parse_block_str(self.block_str)):
             x = cell_cls(kind, self.width, self.heads, self.geometry, self.mixer_ratio, self.drop_path,
                          dtype=self.dtype, name=f"cell_{i}")(x, train)

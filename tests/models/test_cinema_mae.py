@@ -104,6 +104,26 @@ def test_norm_target_and_bf16_remat_run():
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grad))
 
 
+def test_remat_policies_give_the_same_gradients():
+    cfg = dict(CFG, views=["lax_4c"])
+    images = _images(views=["lax_4c"])
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(build_mae(cfg).init(
+        {"params": jax.random.key(0), "mask": jax.random.key(1)}, images)["params"]))
+    params = _random_params(shapes)
+
+    def grads(remat):
+        model = build_mae(cfg, remat=remat)
+        return jax.jit(jax.grad(lambda p: model.apply({"params": p}, images, train=True,
+                                                      rngs={"mask": jax.random.key(2)})["loss"]))(params)
+
+    ref = jax.tree_util.tree_leaves(grads("none"))
+    for remat in ("block", "dots", "full"):
+        for a, b in zip(jax.tree_util.tree_leaves(grads(remat)), ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="remat must be"):
+        build_mae(cfg, remat="selective").init({"params": jax.random.key(0), "mask": jax.random.key(1)}, images)
+
+
 def test_sizes_table_matches_reference():
     assert SIZES["base"] == dict(enc_embed_dim=768, enc_depth=12, enc_n_heads=12, dec_embed_dim=512, dec_depth=8,
                                  dec_n_heads=16)
