@@ -197,10 +197,12 @@ def _depthwise_kernel_grad(x: Array, g: Array, k: tuple[int, ...]) -> Array:
             xp, g = jax.lax.optimization_barrier((xp, g))
         prods = tuple(xp[(slice(None),) + tuple(slice(o, o + n) for o, n in zip((d0,) + rest, spatial))] * g
                       for rest in itertools.product(*(range(kk) for kk in k[1:])))
-        sums = jax.lax.reduce(prods, (np.float32(0),) * len(prods),
-                              lambda a, b: tuple(u + v for u, v in zip(a, b)), tuple(range(x.ndim - 1)))
+        sums = jax.lax.reduce(prods, (np.float32(0),) * len(prods),  # over space; batch kept (see below)
+                              lambda a, b: tuple(u + v for u, v in zip(a, b)), tuple(range(1, x.ndim - 1)))
         rows.append(jnp.stack(sums))
-    return jnp.stack(rows).reshape(k + (1, x.shape[-1]))
+    # the batch sum is a plain reduce: on a batch-sharded mesh it becomes an all-reduce of (k..., C) partial sums,
+    # where the SPMD partitioner would all-gather the per-device partials of a variadic reduce
+    return jnp.sum(jnp.stack(rows), axis=2).reshape(k + (1, x.shape[-1]))
 
 
 @jax.custom_vjp
