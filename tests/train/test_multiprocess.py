@@ -45,14 +45,21 @@ def compare(tmp_path, args, rtol):
     np.testing.assert_allclose(b, a, rtol=rtol)
     pa, _ = ckpt.load_params(tmp_path / "one" / "checkpoints" / ckpt.latest_step_dir(tmp_path / "one").name)
     pb, _ = ckpt.load_params(tmp_path / "two" / "checkpoints" / ckpt.latest_step_dir(tmp_path / "two").name)
-    np.testing.assert_allclose(np.concatenate([np.ravel(v) for v in _leaves(pb)]),
-                               np.concatenate([np.ravel(v) for v in _leaves(pa)]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_comparable(pb), _comparable(pa), rtol=1e-4, atol=1e-5)
 
 
-def _leaves(tree):
+def _comparable(tree):
+    """All params flattened, except the key half of attention kv biases. Softmax is invariant to a key bias, so its
+    gradient is zero up to rounding, and Adam turns that noise into O(lr) steps that depend on summation order."""
     import jax
 
-    return jax.tree_util.tree_leaves(tree)
+    out = []
+    for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        v = np.ravel(np.asarray(v))
+        if jax.tree_util.keystr(path).endswith("['attn']['kv']['bias']"):
+            v = v[v.size // 2:]  # (k, v) fused: keep the value half
+        out.append(v)
+    return np.concatenate(out)
 
 
 def test_two_processes_match_one_toy(tmp_path):
