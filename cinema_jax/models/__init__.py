@@ -13,9 +13,9 @@ Model config (a dict or an ml_collections ConfigDict, `config.model` in the task
     ConvViT:    out_chans (required), reduce 'all' | 'patch' | 'cls', drop_path
     ConvUNetR:  out_chans 4, dec_chans [32,64,128,256,512], dec_patch_size [2,2,1], dec_scale_factor [2,2,1],
                 dropout, drop_path
-Run-time options are keyword arguments: dtype (compute dtype; params stay float32), remat ('none'|'block'|'dots'|'full'),
-attention_impl (None / 'explicit' = `layers.attention`'s head-major form,
-'xla' or 'cudnn' = `jax.nn.dot_product_attention`).
+Run-time options are keyword arguments: dtype (compute dtype; params stay float32), remat
+('none'|'block'|'dots'|'full'), attention_impl (None / 'explicit' = `layers.attention`'s head-major form, 'xla' or
+'cudnn' = `jax.nn.dot_product_attention`).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cinema_jax.models.layers import DropPath, boxed, normal_init, ones, torch_conv_bias_init, zeros
+from cinema_jax.models.layers import DropPath, boxed, normal_init, ones, remat_wrap, torch_conv_bias_init, zeros
 
 Dtype = Any
 
@@ -363,10 +363,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        cell_cls = Cell
-        if self.remat in ("block", "full", "dots"):  # 'dots' keeps the matmul outputs (see layers.block_class)
-            policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
-            cell_cls = nn.remat(Cell, static_argnums=(2,), policy=policy)
+        cell_cls = remat_wrap(Cell, self.remat, static_argnums=(2,))
         for i, kind in enumerate(parse_block_str(self.block_str)):
             x = cell_cls(kind, self.width, self.heads, self.geometry, self.mixer_ratio, self.drop_path,
                          dtype=self.dtype, name=f"cell_{i}")(x, train)

@@ -177,8 +177,10 @@ def _taps(xp: Array, w: Array, spatial: tuple[int, ...]) -> Array:
     return y
 
 
-def _same_pad(x: Array, k: tuple[int, ...]) -> Array:
-    return jnp.pad(x, [(0, 0)] + [((kk - 1) // 2, kk // 2) for kk in k] + [(0, 0)])
+def _same_pad(x: Array, k: tuple[int, ...], flipped: bool = False) -> Array:
+    """'SAME' padding for kernel k; `flipped` mirrors it (the padding of the transposed correlation)."""
+    return jnp.pad(x, [(0, 0)] + [(kk // 2, (kk - 1) // 2) if flipped else ((kk - 1) // 2, kk // 2) for kk in k]
+                   + [(0, 0)])
 
 
 def _depthwise_kernel_grad(x: Array, g: Array, k: tuple[int, ...]) -> Array:
@@ -222,7 +224,7 @@ def _depthwise_fwd(x, w):
 def _depthwise_bwd(res, g):
     x, w = res
     k = w.shape[:-2]
-    g_pad = jax.lax.optimization_barrier(jnp.pad(g, [(0, 0)] + [(kk // 2, (kk - 1) // 2) for kk in k] + [(0, 0)]))
+    g_pad = jax.lax.optimization_barrier(_same_pad(g, k, flipped=True))
     dx = _taps(g_pad, w[tuple(slice(None, None, -1) for _ in k)], x.shape[1:-1])
     dx = jax.lax.optimization_barrier(dx)  # written in its own layout: a transposing consumer fused in is ~2x slower
     return dx, _depthwise_kernel_grad(x, g, k).astype(w.dtype)
@@ -439,15 +441,20 @@ class Block(nn.Module):
         return nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
 
-def block_class(remat: str):
-    """Transformer block class for a remat policy: 'block' / 'full' recompute the whole block in backward;
-    'dots' keeps the block's weight matmul outputs (q, kv, proj, fc1, fc2) and recomputes only the rest (norms,
-    GELU, attention), trading ~40 MB per MAE-base decoder block and sample for most of the recompute."""
+def remat_wrap(module_cls, remat: str, static_argnums: tuple[int, ...]):
+    """`module_cls` wrapped for a remat policy: 'block' / 'full' recompute the whole module in backward; 'dots' keeps
+    its weight-matmul outputs and recomputes only the rest (norms, activations, attention), trading ~40 MB per
+    MAE-base decoder block and sample for most of the recompute; 'none' returns the class as is."""
     if remat in ("block", "full"):
-        # argument 0 is the module itself: (self, x, kv_input, deterministic)
-        return nn.remat(Block, static_argnums=(3,))
+        return nn.remat(module_cls, static_argnums=static_argnums)
     if remat == "dots":
-        return nn.remat(Block, static_argnums=(3,), policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        return nn.remat(module_cls, static_argnums=static_argnums,
+                        policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     if remat not in ("none", "", None):
         raise ValueError(f"remat must be 'none', 'block', 'dots' or 'full', got {remat!r}")
-    return Block
+    return module_cls
+
+
+def block_class(remat: str):
+    """Transformer block class for a remat policy (`remat_wrap`)."""
+    return remat_wrap(Block, remat, static_argnums=(3,))  # argument 0 is the module: (self, x, kv_input, deterministic)

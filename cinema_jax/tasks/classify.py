@@ -29,8 +29,8 @@ from cinema_jax.tasks.segment import (
     load_frame,
     make_source,
     model_config,
-    model_dtype,
     model_image_size,
+    model_runtime,
     pid_bytes,
     pid_str,
     split_rng,
@@ -75,8 +75,7 @@ class StudyTask(_TaskBase):
         from cinema_jax.models import build_convvit
 
         view = task_view(config)
-        return build_convvit(model_config(config, view, out_chans=self.out_chans(config)), dtype=model_dtype(config),
-                             remat=cfg_get(config, "remat", "none"), attention_impl=cfg_get(config, "attention"))
+        return build_convvit(model_config(config, view, out_chans=self.out_chans(config)), **model_runtime(config))
 
     def source(self, config, split: str):
         return make_source(config, split, phases=("ed",))

@@ -32,8 +32,8 @@ from cinema_jax.tasks.segment import (
     load_frame,
     make_source,
     model_config,
-    model_dtype,
     model_image_size,
+    model_runtime,
     nanmean,
     pid_bytes,
     pid_str,
@@ -81,8 +81,7 @@ class LandmarkTask(_TaskBase):
         view = task_view(config)
         if view == "sax":
             raise ConfigError("landmarks live on LAX views: set data.view to lax_2c, lax_3c or lax_4c")
-        kw = dict(dtype=model_dtype(config), remat=cfg_get(config, "remat", "none"),
-                  attention_impl=cfg_get(config, "attention"))
+        kw = model_runtime(config)
         if self.kind(config) == "heatmap":
             return build_convunetr(model_config(config, view, out_chans=N_LANDMARKS), **kw)
         return build_convvit(model_config(config, view, out_chans=2 * N_LANDMARKS), **kw)

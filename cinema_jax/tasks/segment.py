@@ -89,10 +89,12 @@ def model_image_size(config, view: str) -> tuple[int, ...]:
     return tuple(int(s) for s in cfg_get(config, "model.lax_size", (256, 256)))
 
 
-def model_dtype(config):
+def model_runtime(config) -> dict:
+    """The model factories' run-time keyword arguments from the task config: compute dtype, remat, attention."""
     import jax.numpy as jnp
 
-    return jnp.bfloat16 if cfg_get(config, "precision", "float32") == "bfloat16" else jnp.float32
+    dtype = jnp.bfloat16 if cfg_get(config, "precision", "float32") == "bfloat16" else jnp.float32
+    return dict(dtype=dtype, remat=cfg_get(config, "remat", "none"), attention_impl=cfg_get(config, "attention"))
 
 
 def model_config(config, view: str, **extra) -> dict:
@@ -373,8 +375,7 @@ class SegmentTask(_TaskBase):
         from cinema_jax.models import build_convunetr
 
         view = task_view(config)
-        return build_convunetr(model_config(config, view), dtype=model_dtype(config),
-                               remat=cfg_get(config, "remat", "none"), attention_impl=cfg_get(config, "attention"))
+        return build_convunetr(model_config(config, view), **model_runtime(config))
 
     def source(self, config, split: str):
         return make_source(config, split)
