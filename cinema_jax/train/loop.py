@@ -270,11 +270,13 @@ def train(config, workdir: str | os.PathLike) -> dict:
         bar = progress_bar(total, start, main)
         step = start
         last: dict[str, Any] = {}
-        t_last, n_since = time.perf_counter(), 0
+        t_last, n_since, wait = time.perf_counter(), 0, 0.0
         stopped = bool(meta.get("stopped", False))
         try:
             while step < total and not stopped:
-                batch = next(data_iter)
+                t_wait = time.perf_counter()
+                batch = next(data_iter)  # host pipeline + device copy; the step itself is dispatched asynchronously
+                wait += time.perf_counter() - t_wait
                 state, metrics = train_step(state, batch)
                 step += 1
                 n_since += 1
@@ -285,10 +287,13 @@ def train(config, workdir: str | os.PathLike) -> dict:
                     dt = max(now - t_last, 1e-9)
                     values["steps_per_s"] = n_since / dt
                     values["images_per_s"] = n_since * int(config.batch_size) * images_per_sample / dt
-                    t_last, n_since = now, 0
+                    # share of wall time spent waiting for input: near 0 means the step, not data, sets the pace
+                    values["data_wait_frac"] = min(wait / dt, 1.0)
+                    t_last, n_since, wait = now, 0, 0.0
                     writer.write(step, values)
                     bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
                     last = values
+                t_pause = time.perf_counter()  # eval, pictures and checkpoints are left out of the throughput window
                 if eval_every and (step % eval_every == 0 or step == total):
                     params, ctx = _eval_params(state["params"])
                     with ctx:
@@ -305,16 +310,15 @@ def train(config, workdir: str | os.PathLike) -> dict:
                             meta["bad_evals"] = int(meta.get("bad_evals", 0)) + 1
                             if patience and meta["bad_evals"] >= patience:
                                 stopped = meta["stopped"] = True
-                    t_last = time.perf_counter()
                 if image_every and step % image_every == 0:
                     params, ctx = _eval_params(state["params"])
                     if main and vis_batch is not None:
                         with ctx:
                             task.visualize(setup.model, params, vis_batch, jax.random.key(0),
                                            workdir / "images" / f"step_{step:07d}.png")
-                    t_last = time.perf_counter()
                 if (ckpt_every and step % ckpt_every == 0) or step == total or stopped:
                     ckpt.save_train(manager, step, state, data_iter, dict(meta))
+                t_last += time.perf_counter() - t_pause
         finally:
             bar.close()
             manager.wait_until_finished()

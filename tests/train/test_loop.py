@@ -33,11 +33,22 @@ def test_metrics_contract_and_checkpoints(tmp_path):
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [3, 6, 9, 12]
     for r in rows:
-        assert {"step", "loss", "lr", "grad_norm", "images_per_s", "mae"} <= set(r)
+        assert {"step", "loss", "lr", "grad_norm", "images_per_s", "data_wait_frac", "mae"} <= set(r)
+        assert 0.0 <= r["data_wait_frac"] <= 1.0
     assert summary["step"] == 12
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [8, 12]
     assert json.loads((tmp_path / "config.json").read_text())["task"] == "toy_regress"
     assert (tmp_path / "tensorboard").is_dir()
+
+
+def test_data_wait_frac_flags_a_slow_input_pipeline(tmp_path, monkeypatch):
+    # 10 ms per sample against a sub-millisecond step: after the first window (which holds the compile), the loop
+    # waits on data nearly all the time
+    monkeypatch.setenv("TOY_SAMPLE_DELAY", "0.01")
+    train(toy_config({"log_every": 4, "total_steps": 12}), tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    assert min(r["data_wait_frac"] for r in rows[1:]) > 0.7
 
 
 @pytest.fixture(scope="module")
