@@ -34,6 +34,7 @@ demo: install
 	@echo "demo outputs in $(WORKDIR): mae/ (checkpoints, metrics.jsonl, reconstructions) and seg/ (checkpoints, metrics, overlays)"
 
 test: install-test
+	$(VENV)/bin/ruff check .
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-slow: install-test
