@@ -129,13 +129,26 @@ _CONV_DIMS = {1: ("NHC", "HIO", "NHC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NHWDC"
 
 
 def _lax_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int) -> Array:
-    """lax conv, channel-last; a 3-D kernel of depth 1 (stride 1 in depth) runs as a 2-D conv over (B*Z)."""
+    """lax conv, channel-last. A 3-D kernel with depth stride 1 runs as 2-D convs over (B*Z), one per depth tap,
+    summed: XLA:CPU's 3-D conv path is ~2.5x slower forward and backward (ConvUNetR 3x3x3, notes/perf.md)."""
     nd = x.ndim - 2
-    if nd == 3 and w.shape[2] == 1 and strides[2] == 1 and (isinstance(padding, str) or padding[2] == (0, 0)):
-        b, nx, ny, nz, c = x.shape
-        y = x.transpose(0, 3, 1, 2, 4).reshape(b * nz, nx, ny, c)
-        pad2 = padding if isinstance(padding, str) else padding[:2]
-        y = _lax_conv(y, w[:, :, 0], strides[:2], pad2, groups)
+    if nd == 3 and strides[2] == 1:
+        kz = w.shape[2]
+        if isinstance(padding, str):
+            lo, hi = ((kz - 1) // 2, kz // 2) if padding == "SAME" else (0, 0)  # lax's SAME split at stride 1
+            pad2 = padding
+        else:
+            (lo, hi), pad2 = padding[2], padding[:2]
+        if lo or hi:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (lo, hi), (0, 0)))
+        b, nx, ny, nzp, c = x.shape
+        nz = nzp - kz + 1
+        planes = x.transpose(0, 3, 1, 2, 4)  # (B, Z, X, Y, C)
+        y = None
+        for dz in range(kz):
+            plane = planes[:, dz:dz + nz].reshape(b * nz, nx, ny, c)
+            t = _lax_conv(plane, w[:, :, dz], strides[:2], pad2, groups)
+            y = t if y is None else y + t
         return y.reshape((b, nz) + y.shape[1:]).transpose(0, 2, 3, 1, 4)
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_CONV_DIMS[nd],
                                         feature_group_count=groups)

@@ -22,8 +22,15 @@ CASES = [  # (input shape, kernel, strides, padding, groups, out)
     ((2, 9, 10, 4), (2, 3), (1, 1), "SAME", 4, 4),  # 2-D depth-wise, even kernel
     ((2, 8, 8, 4, 6), (1, 1, 1), (1, 1, 1), "SAME", 1, 5),  # 1x1 -> matmul
     ((2, 8, 8, 4, 3), (2, 2, 1), (2, 2, 1), "VALID", 1, 5),  # kernel == stride -> patch matmul
-    ((2, 8, 8, 4, 3), (3, 3, 3), (1, 1, 1), "SAME", 1, 4),  # generic
-    ((2, 8, 8, 4, 3), (3, 3, 1), (1, 1, 1), "SAME", 1, 4),  # depth-1 kernel -> 2-D conv over B*Z
+    ((2, 8, 8, 4, 3), (3, 3, 3), (1, 1, 1), "SAME", 1, 4),  # 3-D -> per-depth-tap 2-D convs over B*Z (ConvUNetR)
+    ((2, 8, 8, 4, 3), (3, 3, 1), (1, 1, 1), "SAME", 1, 4),  # depth-1 kernel -> one 2-D conv over B*Z
+    ((2, 8, 8, 5, 3), (3, 3, 2), (1, 1, 1), "SAME", 1, 4),  # even depth kernel: lax's asymmetric SAME split
+    ((2, 8, 8, 5, 3), (3, 3, 4), (1, 1, 1), "SAME", 1, 4),
+    ((2, 9, 8, 5, 3), (3, 3, 3), (2, 2, 1), "SAME", 1, 4),  # in-plane stride
+    ((2, 8, 8, 5, 3), (3, 3, 3), (1, 1, 1), "VALID", 1, 4),
+    ((2, 8, 8, 5, 3), (3, 3, 3), (1, 1, 1), ((1, 0), (0, 2), (2, 1)), 1, 4),  # explicit padding
+    ((2, 8, 8, 5, 4), (3, 3, 3), (1, 1, 1), "SAME", 2, 6),  # grouped, not depth-wise
+    ((2, 8, 8, 6, 3), (3, 3, 3), (1, 1, 2), "SAME", 1, 4),  # depth stride: XLA's 3-D conv
 ]
 
 
