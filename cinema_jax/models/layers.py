@@ -130,7 +130,7 @@ _CONV_DIMS = {1: ("NHC", "HIO", "NHC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NHWDC"
 
 def _lax_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int) -> Array:
     """lax conv, channel-last. A 3-D kernel with depth stride 1 runs as 2-D convs over (B*Z), one per depth tap,
-    summed: XLA:CPU's 3-D conv path is ~2.5x slower forward and backward (ConvUNetR 3x3x3, notes/perf.md)."""
+    summed: XLA:CPU's 3-D conv path is ~3x slower forward and backward (ConvUNetR 3x3x3, notes/perf.md)."""
     nd = x.ndim - 2
     if nd == 3 and strides[2] == 1:
         kz = w.shape[2]
@@ -252,7 +252,8 @@ class Conv(nn.Module):
     Why not `nn.Conv`: XLA:CPU runs the stem's 3-D depth-wise 5x5x5 conv ~15x slower than the same math written as
     2-D convs (notes/perf.md). Same parameters, same results, cheaper lowerings: 1x1 convs are matmuls; kernel ==
     stride 'VALID' convs (patch embeddings, fusion down-projections) are patchify + matmul; depth-wise 'SAME' convs go
-    through `_depthwise_same`; 3-D kernels of depth 1 run as 2-D convs over (B*Z); else `lax.conv_general_dilated`.
+    through `_depthwise_same`; other 3-D convs with depth stride 1 run as per-depth-tap 2-D convs over (B*Z); else
+    `lax.conv_general_dilated`.
     """
 
     features: int
