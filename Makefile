@@ -33,8 +33,7 @@ demo: install
 	$(VENV)/bin/cinema-jax train --config=configs/finetune_seg.py:smoke --workdir=$(WORKDIR)/seg --config.init_from=$(WORKDIR)/mae
 	@echo "demo outputs in $(WORKDIR): mae/ (checkpoints, metrics.jsonl, reconstructions) and seg/ (checkpoints, metrics, overlays)"
 
-test: install-test
-	$(VENV)/bin/ruff check .
+test: lint
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-slow: install-test

@@ -13,6 +13,7 @@ Because the layout is channel-last, a "channel LayerNorm" is an ordinary LayerNo
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -154,12 +155,11 @@ def _lax_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int
     summed: XLA:CPU's 3-D conv path is ~3x slower forward and backward (ConvUNetR 3x3x3, notes/perf.md)."""
     nd = x.ndim - 2
     if nd == 3 and strides[2] == 1:
-        strides = tuple(int(v) for v in strides)
-        padding = padding if isinstance(padding, str) else tuple(tuple(int(v) for v in p) for p in padding)
+        planes_conv = functools.partial(_depth_planes_conv, strides=strides, padding=padding, groups=groups)
         if w.shape[2] == 1:
-            return _depth_planes_conv(x, w, strides, padding, groups)
+            return planes_conv(x, w)
         # the per-tap input slices are copies: rematerialise them in backward so only x is kept (as XLA's 3-D conv)
-        return jax.checkpoint(_depth_planes_conv, static_argnums=(2, 3, 4))(x, w, strides, padding, groups)
+        return jax.checkpoint(planes_conv)(x, w)
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_CONV_DIMS[nd],
                                         feature_group_count=groups)
 
