@@ -75,6 +75,12 @@ class ConvResBlock(nn.Module):
         return h + x.astype(h.dtype)
 
 
+def res_block_class(remat: bool):
+    """ConvResBlock, recomputed in backward when `remat` (only its input is kept). Under remat='full' this covers
+    the decoder's full-resolution blocks, whose activations dominate a segmentation step's memory."""
+    return nn.remat(ConvResBlock, static_argnums=(2,)) if remat else ConvResBlock  # (self, x, train)
+
+
 class DecoderBlock(nn.Module):
     """Transposed conv (k = s) up, + skip, `n_blocks` ConvResBlocks."""
 
@@ -83,14 +89,16 @@ class DecoderBlock(nn.Module):
     n_blocks: int = 2
     kernel: int = 3
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x: Array, skip: Array | None, train: bool = False) -> Array:
         x = PatchConvTranspose(self.features, self.up_kernel, self.dtype, name="up")(x)
         if skip is not None:
             x = x + skip.astype(x.dtype)
+        block_cls = res_block_class(self.remat)
         for j in range(self.n_blocks):
-            x = ConvResBlock(self.features, self.kernel, 0.0, self.dtype, name=f"conv_{j}")(x, train)
+            x = block_cls(self.features, self.kernel, 0.0, self.dtype, name=f"conv_{j}")(x, train)
         return x
 
 
@@ -100,6 +108,7 @@ class UpsampleDecoder(nn.Module):
     scale_factor: tuple[int, ...]
     kernel: int = 3
     dtype: Dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, embeddings: list[Array | None], train: bool = False) -> Array:
@@ -110,7 +119,7 @@ class UpsampleDecoder(nn.Module):
             last = i == n - 1
             out = ch if last else self.chans[-i - 2]
             x = DecoderBlock(out, tuple(self.patch_size if last else self.scale_factor), 2, self.kernel, self.dtype,
-                             name=f"blocks_{i}")(x, embeddings.pop(), train)
+                             self.remat, name=f"blocks_{i}")(x, embeddings.pop(), train)
         return x
 
 
@@ -159,19 +168,21 @@ class ConvUNetR(nn.Module):
     def setup(self):
         no_skip, n_down = self.levels()
         chans = tuple(self.dec_chans)
+        heavy = self.remat == "full"  # the conv stem and every conv block of the decoder are recomputed too
+        res_block = res_block_class(heavy)
         stems, image_blocks, downs, adapters, decoders, heads = {}, {}, {}, {}, {}, {}
         for v in self.views:
             size, p, s, dp, ds = self.view_geometry(v)
             nd = len(size)
             stems[v] = DownsampleEncoder(size, p, s, tuple(self.conv_chans), self.conv_n_blocks, self.enc_embed_dim,
-                                         self.dtype, self.remat == "full")
-            image_blocks[v] = ConvResBlock(chans[0], self.dec_kernel_size, self.dropout, self.dtype)
+                                         self.dtype, heavy)
+            image_blocks[v] = res_block(chans[0], self.dec_kernel_size, self.dropout, self.dtype)
             downs[v] = [conv(self.enc_embed_dim, ds, self.enc_embed_dim, self.dtype, strides=ds, padding="VALID")
                         for _ in range(n_down)]
             outs = [chans[no_skip + i] for i in range(len(self.conv_chans))]
             outs += [chans[no_skip + len(self.conv_chans) + i] for i in range(n_down + 1)]
-            adapters[v] = [ConvResBlock(o, self.dec_kernel_size, self.dropout, self.dtype) for o in outs]
-            decoders[v] = UpsampleDecoder(chans, dp, ds, self.dec_kernel_size, self.dtype)
+            adapters[v] = [res_block(o, self.dec_kernel_size, self.dropout, self.dtype) for o in outs]
+            decoders[v] = UpsampleDecoder(chans, dp, ds, self.dec_kernel_size, self.dtype, heavy)
             heads[v] = conv(self.out_chans, (1,) * nd, chans[0], self.dtype)
         self.enc_down = stems
         self.encoder = ViTEncoder(self.enc_embed_dim, self.enc_depth, self.enc_n_heads, self.mlp_ratio, self.qkv_bias,
