@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -134,12 +135,29 @@ def device_memory_peak(devices) -> int | None:
     return max(peaks) if peaks else None
 
 
+def host_malloc() -> str:
+    """The malloc this process runs on ('tcmalloc', 'jemalloc', 'mimalloc' or 'glibc'), from its mapped libraries.
+
+    Why it is reported: XLA:CPU allocates its temp buffer afresh every step, and with glibc's malloc each step
+    page-faults all of it in again; an LD_PRELOADed tcmalloc keeps the pages, which moves CPU step times by up to
+    30 % (README "Performance"). Figures are only comparable under the same allocator."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if re.search(rf"/lib{name}[\w.-]*\.so", maps):
+            return name
+    return "glibc"
+
+
 def device_info(devices) -> dict[str, Any]:
     import jax
 
     d0 = devices[0]
     return {"platform": d0.platform, "kind": d0.device_kind, "count": len(devices),
-            "process_count": jax.process_count(), "host_cpus": os.cpu_count()}
+            "process_count": jax.process_count(), "host_cpus": os.cpu_count(), "host_malloc": host_malloc()}
 
 
 def _median_time(fn, reps: int) -> tuple[float, list[float]]:
@@ -356,12 +374,14 @@ def run_train_step(config) -> dict[str, Any]:
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
     times, losses = [], []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(int(config.timed_steps)):
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
         losses.append(float(metrics["loss"]))
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     step_s = statistics.median(times)
     n = len(devices)
     flops = flops_dev * n if flops_dev is not None else None
@@ -376,6 +396,9 @@ def run_train_step(config) -> dict[str, Any]:
         "n_params": int(n_params),
         "step_time_s": step_s, "step_times_s": times, "samples_per_s": bs / step_s,
         "samples_per_s_per_device": bs / step_s / n,
+        # this process's CPU time per timed step: on a CPU backend, sys time is mostly page faults on fresh buffers
+        "host_cpu_s_per_step": {"user": (ru1.ru_utime - ru0.ru_utime) / len(times),
+                                "sys": (ru1.ru_stime - ru0.ru_stime) / len(times)},
         "flops_per_step": flops, "flops_per_step_per_device": flops_dev,
         "bytes_accessed_per_step_per_device": bytes_dev,
         "achieved_flops_per_s": achieved,

@@ -17,4 +17,4 @@ ARGS=$(printf '%q ' "$@")
 PROJECT_FLAG=()
 if [[ -n "${PROJECT:-}" ]]; then PROJECT_FLAG=(--project "$PROJECT"); fi
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=all --command \
-  "cd $REPO_DIR && CINEMA_DISTRIBUTED=auto CINEMA_NO_PROGRESS=\${CINEMA_NO_PROGRESS:-} $VENV/bin/python -m cinema_jax train $ARGS"
+  "cd $REPO_DIR && CINEMA_DISTRIBUTED=auto CINEMA_NO_PROGRESS=\${CINEMA_NO_PROGRESS:-} launch/with_tcmalloc.sh $VENV/bin/python -m cinema_jax train $ARGS"

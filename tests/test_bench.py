@@ -15,8 +15,12 @@ FSDP criterion (`classify_all_gathers`), on the compiled HLO of the MAE train st
     gradients are all-reduced).
 """
 
+import glob
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -49,6 +53,9 @@ def test_train_step_json(capsys):
     assert 0 < r["peak_fraction"] < 1.5
     assert r["peak_memory_bytes"] > 0
     assert r["compile_time_s"] > 0
+    assert r["device"]["host_malloc"] in ("glibc", "tcmalloc", "jemalloc", "mimalloc")
+    cpu = r["host_cpu_s_per_step"]
+    assert cpu["user"] > 0 and cpu["sys"] >= 0
     assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
     assert r["samples_per_s"] == pytest.approx(2 / r["step_time_s"])
 
@@ -59,6 +66,21 @@ def test_data_benchmarks_json(capsys):
         assert r["name"] == name
         assert r["samples_per_s_per_worker"] > 0 and r["grain_samples_per_s_per_worker"] > 0
         assert r["ratio_vs_consumer_per_worker"] == pytest.approx(r["samples_per_s_per_worker"])
+
+
+@pytest.mark.parametrize("lib", ["", "tcmalloc_minimal", "jemalloc"])
+def test_host_malloc_names_the_preloaded_allocator(lib):
+    """The bench labels its figures with the malloc in use (step times on CPU depend on it)."""
+    env = dict(os.environ, LD_PRELOAD="")
+    if lib:
+        path = next((p for p in glob.glob(f"/usr/lib*/**/lib{lib}.so*", recursive=True)
+                     + glob.glob(f"/lib*/**/lib{lib}.so*", recursive=True) if os.path.isfile(p)), None)
+        if path is None:
+            pytest.skip(f"lib{lib} is not installed here (Debian: apt-get install libtcmalloc-minimal4 libjemalloc2)")
+        env["LD_PRELOAD"] = path
+    out = subprocess.run([sys.executable, "-c", "from cinema_jax.bench import host_malloc; print(host_malloc())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ({"tcmalloc_minimal": "tcmalloc"}.get(lib, lib) or "glibc")
 
 
 def test_bad_config_key_is_config_error():

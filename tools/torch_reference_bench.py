@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -35,6 +36,12 @@ def _matmul_peak(torch, n: int = 2048, reps: int = 5) -> float:
         a @ b
         ts.append(time.perf_counter() - t0)
     return 2 * n**3 / min(ts)  # fastest call, as cinema_jax.bench.matmul_peak
+
+
+def _host_malloc() -> str:
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    return next((n for n in ("tcmalloc", "jemalloc", "mimalloc") if f"/lib{n}" in maps), "glibc")
 
 
 def main() -> None:
@@ -83,10 +90,12 @@ def main() -> None:
     for _ in range(max(args.warmup - 1, 0)):
         step()
     times = []
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     t = statistics.median(times)
     peak = _matmul_peak(torch)
     print(json.dumps({
@@ -95,6 +104,9 @@ def main() -> None:
         "samples_per_s": args.batch / t, "flops_per_step": flops, "achieved_flops_per_s": flops / t,
         "matmul_peak_flops_per_s": peak, "peak_fraction": flops / t / peak,
         "n_params": sum(p.numel() for p in model.parameters()),
+        "host_malloc": _host_malloc(),  # as cinema_jax.bench reports it: CPU step times depend on the allocator
+        "host_cpu_s_per_step": {"user": (ru1.ru_utime - ru0.ru_utime) / len(times),
+                                "sys": (ru1.ru_stime - ru0.ru_stime) / len(times)},
     }), flush=True)
 
 

@@ -1,8 +1,11 @@
-"""launch/: sweep expansion and the cluster scripts' syntax."""
+"""launch/: sweep expansion, the cluster scripts' syntax, and the tcmalloc wrapper."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launch"))
@@ -38,7 +41,25 @@ def test_sweep_cli_prints_commands(tmp_path):
 
 
 def test_cluster_scripts_parse():
-    for script in ("launch/tpu_pod.sh", "launch/slurm_gpu.sbatch"):
+    for script in ("launch/tpu_pod.sh", "launch/slurm_gpu.sbatch", "launch/with_tcmalloc.sh"):
         assert subprocess.run(["bash", "-n", script], cwd=ROOT).returncode == 0
     usage = subprocess.run(["bash", "launch/tpu_pod.sh"], cwd=ROOT, capture_output=True, text=True)
     assert usage.returncode == 2 and "worker" in usage.stdout
+
+
+def _wrapped(*cmd, **env):
+    return subprocess.run(["bash", "launch/with_tcmalloc.sh", *cmd], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, LD_PRELOAD="", **env), timeout=120)
+
+
+def test_with_tcmalloc_preloads_it_or_says_why_not():
+    off = _wrapped("bash", "-c", "echo \"[$LD_PRELOAD]\"", TCMALLOC="off")
+    assert off.returncode == 0 and off.stdout.strip() == "[]"
+    missing = _wrapped("true", TCMALLOC="/no/such/libtcmalloc.so")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    auto = _wrapped(sys.executable, "-c", "from cinema_jax.bench import host_malloc; print(host_malloc())")
+    assert auto.returncode == 0, auto.stderr
+    if "not found" in auto.stderr:
+        assert auto.stdout.strip() == "glibc"
+        pytest.skip("libtcmalloc is not installed here (Debian: apt-get install libtcmalloc-minimal4)")
+    assert auto.stdout.strip() == "tcmalloc"
