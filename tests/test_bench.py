@@ -73,8 +73,8 @@ def test_host_malloc_names_the_preloaded_allocator(lib):
     """The bench labels its figures with the malloc in use (step times on CPU depend on it)."""
     env = dict(os.environ, LD_PRELOAD="")
     if lib:
-        path = next((p for p in glob.glob(f"/usr/lib*/**/lib{lib}.so*", recursive=True)
-                     + glob.glob(f"/lib*/**/lib{lib}.so*", recursive=True) if os.path.isfile(p)), None)
+        dirs = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+        path = next((p for d in dirs for p in sorted(glob.glob(f"{d}/lib{lib}.so*")) if os.path.isfile(p)), None)
         if path is None:
             pytest.skip(f"lib{lib} is not installed here (Debian: apt-get install libtcmalloc-minimal4 libjemalloc2)")
         env["LD_PRELOAD"] = path
