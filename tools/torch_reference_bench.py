@@ -39,6 +39,7 @@ def _matmul_peak(torch, n: int = 2048, reps: int = 5) -> float:
 
 
 def _host_malloc() -> str:
+    """As `cinema_jax.bench.host_malloc` (not importable from the torch venv): step times depend on the malloc."""
     with open("/proc/self/maps") as f:
         maps = f.read()
     return next((n for n in ("tcmalloc", "jemalloc", "mimalloc") if f"/lib{n}" in maps), "glibc")
@@ -104,7 +105,7 @@ def main() -> None:
         "samples_per_s": args.batch / t, "flops_per_step": flops, "achieved_flops_per_s": flops / t,
         "matmul_peak_flops_per_s": peak, "peak_fraction": flops / t / peak,
         "n_params": sum(p.numel() for p in model.parameters()),
-        "host_malloc": _host_malloc(),  # as cinema_jax.bench reports it: CPU step times depend on the allocator
+        "host_malloc": _host_malloc(),
         "host_cpu_s_per_step": {"user": (ru1.ru_utime - ru0.ru_utime) / len(times),
                                 "sys": (ru1.ru_stime - ru0.ru_stime) / len(times)},
     }), flush=True)
