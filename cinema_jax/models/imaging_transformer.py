@@ -48,7 +48,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cinema_jax.models.layers import DropPath, boxed, normal_init, ones, remat_wrap, torch_conv_bias_init, zeros
+from cinema_jax.models.layers import (
+    DropPath,
+    boxed,
+    grad_barrier,
+    normal_init,
+    ones,
+    remat_wrap,
+    torch_conv_bias_init,
+    zeros,
+)
 
 Dtype = Any
 
@@ -333,6 +342,7 @@ class Cell(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         c = self.width
+        x = grad_barrier(x)  # the residual stream's cotangent, materialised per cell (layers.grad_barrier)
         skip = x if x.shape[-1] == c else FrameConv(c, 3, ("conv_in", "embed"), self.dtype, name="input_proj")(x)
         y = FrameNorm(dtype=self.dtype, name="norm1")(x)
         mode = _KINDS[self.kind]
