@@ -28,11 +28,11 @@ install-test: $(VENV)/.installed-test
 
 # The main job: MAE pretraining on the built-in synthetic cine data, then a segmentation fine-tune from it.
 # Training runs under tcmalloc when it is installed (launch/with_tcmalloc.sh says why; without it, same results).
+TRAIN := launch/with_tcmalloc.sh $(VENV)/bin/cinema-jax train
 demo: install
 	$(VENV)/bin/cinema-jax data synth --preview $(WORKDIR)/synthetic_preview.png
-	launch/with_tcmalloc.sh $(VENV)/bin/cinema-jax train --config=configs/mae_pretrain.py:smoke --workdir=$(WORKDIR)/mae
-	launch/with_tcmalloc.sh $(VENV)/bin/cinema-jax train --config=configs/finetune_seg.py:smoke \
-	  --workdir=$(WORKDIR)/seg --config.init_from=$(WORKDIR)/mae
+	$(TRAIN) --config=configs/mae_pretrain.py:smoke --workdir=$(WORKDIR)/mae
+	$(TRAIN) --config=configs/finetune_seg.py:smoke --workdir=$(WORKDIR)/seg --config.init_from=$(WORKDIR)/mae
 	@echo "demo outputs in $(WORKDIR): mae/ (checkpoints, metrics.jsonl, reconstructions) and seg/ (checkpoints, metrics, overlays)"
 
 test: lint

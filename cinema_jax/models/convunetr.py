@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from cinema_jax.models.conv_stem import CONV_NORM_EPS, DownsampleEncoder, effective_patch
-from cinema_jax.models.layers import PatchConvTranspose, conv, gelu, layer_norm
+from cinema_jax.models.layers import PatchConvTranspose, conv, gelu, layer_norm, remat_wrap
 from cinema_jax.models.mae import as_view_dict, per_view
 from cinema_jax.models.patchify import grid_size
 from cinema_jax.models.vit import ViTEncoder
@@ -78,7 +78,7 @@ class ConvResBlock(nn.Module):
 def res_block_class(remat: bool):
     """ConvResBlock, recomputed in backward when `remat` (only its input is kept). Under remat='full' this covers
     the decoder's full-resolution blocks, whose activations dominate a segmentation step's memory."""
-    return nn.remat(ConvResBlock, static_argnums=(2,)) if remat else ConvResBlock  # (self, x, train)
+    return remat_wrap(ConvResBlock, "full" if remat else "none", static_argnums=(2,))  # (self, x, train)
 
 
 class DecoderBlock(nn.Module):
