@@ -241,6 +241,8 @@ def train_config(config, batch_size: int | None = None):
         tc.remat = str(config.remat)
         if "attention" in tc:
             tc.attention = str(config.attention)
+        if "conv" in tc:
+            tc.conv = str(config.conv)
         tc.grad_accum = int(config.grad_accum)
         tc.seed = int(config.seed)
         tc.mesh = copy.deepcopy(config.mesh)

@@ -49,6 +49,7 @@ def _common(name: str, mode: str, train: ml_collections.ConfigDict) -> ml_collec
     c.precision = "float32"
     c.remat = "none"
     c.attention = "explicit"  # explicit | xla | cudnn (see models.layers.attention)
+    c.conv = "auto"  # auto | tuned | xla (see models.layers.resolve_conv_impl); tasks without convs ignore it
     c.grad_accum = 1
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.n_devices = 0  # 0 = all visible devices

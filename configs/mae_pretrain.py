@@ -32,6 +32,7 @@ def _base() -> ml_collections.ConfigDict:
     c.precision = "bfloat16"
     c.remat = "block"
     c.attention = "explicit"  # softmax attention: explicit (head-major, hand-written grad) | xla | cudnn (GPU)
+    c.conv = "auto"  # conv lowering: auto (tuned on CPU, xla on GPU/TPU) | tuned | xla (models.layers.Conv)
     c.grad_accum = 1
     c.eval_batch_size = 0  # 0 = batch_size
     c.data = ml_collections.ConfigDict(dict(

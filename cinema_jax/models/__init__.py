@@ -15,7 +15,7 @@ Model config (a dict or an ml_collections ConfigDict, `config.model` in the task
                 dropout, drop_path
 Run-time options are keyword arguments: dtype (compute dtype; params stay float32), remat
 ('none'|'block'|'dots'|'full'), attention_impl (None / 'explicit' = `layers.attention`'s head-major form, 'xla' or
-'cudnn' = `jax.nn.dot_product_attention`).
+'cudnn' = `jax.nn.dot_product_attention`), conv_impl ('auto'|'tuned'|'xla', `layers.resolve_conv_impl`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from cinema_jax.models.convunetr import ConvUNetR
 from cinema_jax.models.convvit import ConvViT
 from cinema_jax.models.landmark import heatmap_soft_argmax, landmark_heatmaps
+from cinema_jax.models.layers import CONV_IMPLS
 from cinema_jax.models.mae import VIEWS, CineMA
 from cinema_jax.models.patchify import patchify, random_mask, reconstruct, unpatchify
 from cinema_jax.models.pos_embed import sincos_pos_embed
@@ -114,32 +115,35 @@ def _common(cfg: dict, default_views: tuple[str, ...]) -> dict:
     ), vit
 
 
-def _runtime(dtype, remat, attention_impl) -> dict:
-    return dict(dtype=_dtype(dtype), remat=remat or "none", attention_impl=attention_impl)
+def _runtime(dtype, remat, attention_impl, conv_impl) -> dict:
+    if (conv_impl or "auto") not in CONV_IMPLS:  # fail at build time, not at the first trace
+        raise ValueError(f"conv implementation must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    return dict(dtype=_dtype(dtype), remat=remat or "none", attention_impl=attention_impl,
+                conv_impl=conv_impl or "auto")
 
 
 def build_mae(model_cfg: Any = None, dtype: Any = None, remat: str = "none",
-              attention_impl: str | None = None) -> CineMA:
+              attention_impl: str | None = None, conv_impl: str = "auto") -> CineMA:
     cfg = _plain(model_cfg)
     common, vit = _common(cfg, VIEWS)
     return CineMA(**common, **vit, norm_target=bool(cfg.get("norm_target", False)),
                   mask_ratio=float(cfg.get("mask_ratio", 0.75)), drop_path=float(cfg.get("drop_path", 0.0)),
-                  **_runtime(dtype, remat, attention_impl))
+                  **_runtime(dtype, remat, attention_impl, conv_impl))
 
 
 def build_convvit(model_cfg: Any = None, dtype: Any = None, remat: str = "none",
-                  attention_impl: str | None = None) -> ConvViT:
+                  attention_impl: str | None = None, conv_impl: str = "auto") -> ConvViT:
     cfg = _plain(model_cfg)
     common, vit = _common(cfg, ("sax",))
     enc = {k: v for k, v in vit.items() if k.startswith("enc_")}
     if cfg.get("out_chans") is None:
         raise ValueError("model.out_chans is required for a ConvViT")
     return ConvViT(**common, **enc, out_chans=int(cfg["out_chans"]), reduce=str(cfg.get("reduce", "all")),
-                   drop_path=float(cfg.get("drop_path", 0.0)), **_runtime(dtype, remat, attention_impl))
+                   drop_path=float(cfg.get("drop_path", 0.0)), **_runtime(dtype, remat, attention_impl, conv_impl))
 
 
 def build_convunetr(model_cfg: Any = None, dtype: Any = None, remat: str = "none",
-                    attention_impl: str | None = None) -> ConvUNetR:
+                    attention_impl: str | None = None, conv_impl: str = "auto") -> ConvUNetR:
     cfg = _plain(model_cfg)
     common, vit = _common(cfg, ("sax",))
     enc = {k: v for k, v in vit.items() if k.startswith("enc_")}
@@ -148,7 +152,7 @@ def build_convunetr(model_cfg: Any = None, dtype: Any = None, remat: str = "none
                      dec_patch_size=_tuple(cfg.get("dec_patch_size", (2, 2, 1))),
                      dec_scale_factor=_tuple(cfg.get("dec_scale_factor", (2, 2, 1))),
                      dropout=float(cfg.get("dropout", 0.0)), drop_path=float(cfg.get("drop_path", 0.0)),
-                     **_runtime(dtype, remat, attention_impl))
+                     **_runtime(dtype, remat, attention_impl, conv_impl))
 
 
 BUILDERS = {"mae": build_mae, "convvit": build_convvit, "convunetr": build_convunetr}

@@ -77,6 +77,7 @@ class MaskedConvBlock(nn.Module):
 
     mlp_ratio: int = 4
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, visible: Array | None = None) -> Array:
@@ -86,7 +87,7 @@ class MaskedConvBlock(nn.Module):
         h = conv(c, (1,) * nd, c, self.dtype, name="conv1")(h)
         if visible is not None:
             h = h * visible[..., None].astype(h.dtype)
-        h = conv(c, (5,) * nd, c, self.dtype, groups=c, name="dw_conv")(h)
+        h = conv(c, (5,) * nd, c, self.dtype, groups=c, name="dw_conv", impl=self.conv_impl)(h)
         h = conv(c, (1,) * nd, c, self.dtype, name="conv2")(h)
         x = x + h
         h = layer_norm(CONV_NORM_EPS, self.dtype, name="norm2")(x)
@@ -101,13 +102,14 @@ class ConvStage(nn.Module):
     n_blocks: int
     dtype: Dtype = jnp.float32
     remat: bool = False
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, visible: Array | None) -> Array:
         x = ConvNormAct(self.features, self.kernel, self.dtype, name="patch_embed")(x)
         block_cls = nn.remat(MaskedConvBlock) if self.remat else MaskedConvBlock
         for j in range(self.n_blocks):
-            x = block_cls(dtype=self.dtype, name=f"conv_{j}")(x, visible)
+            x = block_cls(dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv_{j}")(x, visible)
         return x
 
 
@@ -134,6 +136,7 @@ class DownsampleEncoder(nn.Module):
     embed_dim: int
     dtype: Dtype = jnp.float32
     remat: bool = False
+    conv_impl: str = "auto"  # layers.resolve_conv_impl
 
     @property
     def eff_patch(self) -> tuple[int, ...]:
@@ -162,7 +165,8 @@ class DownsampleEncoder(nn.Module):
         x = image.astype(self.dtype)
         skips = []
         for i, ch in enumerate(self.conv_chans):
-            x = ConvStage(ch, sizes[i], self.conv_n_blocks, self.dtype, self.remat, name=f"conv_blocks_{i}")(
+            x = ConvStage(ch, sizes[i], self.conv_n_blocks, self.dtype, self.remat, self.conv_impl,
+                          name=f"conv_blocks_{i}")(
                 x, stage_vis[i])
             skips.append(x)
         x = PatchEmbed(sizes[-1], self.embed_dim, self.dtype, name="patch_embed")(x)

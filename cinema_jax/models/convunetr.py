@@ -60,16 +60,17 @@ class ConvResBlock(nn.Module):
     kernel: int = 3
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         nd = x.ndim - 2
         cin = x.shape[-1]
         h = gelu(layer_norm(CONV_NORM_EPS, self.dtype, name="norm1")(x))
-        h = conv(self.features, (self.kernel,) * nd, cin, self.dtype, name="conv1")(h)
+        h = conv(self.features, (self.kernel,) * nd, cin, self.dtype, name="conv1", impl=self.conv_impl)(h)
         h = gelu(layer_norm(CONV_NORM_EPS, self.dtype, name="norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=not train, rng_collection="dropout")(h)
-        h = conv(self.features, (self.kernel,) * nd, self.features, self.dtype, name="conv2")(h)
+        h = conv(self.features, (self.kernel,) * nd, self.features, self.dtype, name="conv2", impl=self.conv_impl)(h)
         if cin != self.features:
             x = conv(self.features, (1,) * nd, cin, self.dtype, name="shortcut")(x)
         return h + x.astype(h.dtype)
@@ -90,6 +91,7 @@ class DecoderBlock(nn.Module):
     kernel: int = 3
     dtype: Dtype = jnp.float32
     remat: bool = False
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, skip: Array | None, train: bool = False) -> Array:
@@ -98,7 +100,7 @@ class DecoderBlock(nn.Module):
             x = x + skip.astype(x.dtype)
         block_cls = res_block_class(self.remat)
         for j in range(self.n_blocks):
-            x = block_cls(self.features, self.kernel, 0.0, self.dtype, name=f"conv_{j}")(x, train)
+            x = block_cls(self.features, self.kernel, 0.0, self.dtype, self.conv_impl, name=f"conv_{j}")(x, train)
         return x
 
 
@@ -109,6 +111,7 @@ class UpsampleDecoder(nn.Module):
     kernel: int = 3
     dtype: Dtype = jnp.float32
     remat: bool = False
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, embeddings: list[Array | None], train: bool = False) -> Array:
@@ -119,7 +122,7 @@ class UpsampleDecoder(nn.Module):
             last = i == n - 1
             out = ch if last else self.chans[-i - 2]
             x = DecoderBlock(out, tuple(self.patch_size if last else self.scale_factor), 2, self.kernel, self.dtype,
-                             self.remat, name=f"blocks_{i}")(x, embeddings.pop(), train)
+                             self.remat, self.conv_impl, name=f"blocks_{i}")(x, embeddings.pop(), train)
         return x
 
 
@@ -147,6 +150,7 @@ class ConvUNetR(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+    conv_impl: str = "auto"
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -175,14 +179,14 @@ class ConvUNetR(nn.Module):
             size, p, s, dp, ds = self.view_geometry(v)
             nd = len(size)
             stems[v] = DownsampleEncoder(size, p, s, tuple(self.conv_chans), self.conv_n_blocks, self.enc_embed_dim,
-                                         self.dtype, heavy)
-            image_blocks[v] = res_block(chans[0], self.dec_kernel_size, self.dropout, self.dtype)
+                                         self.dtype, heavy, self.conv_impl)
+            image_blocks[v] = res_block(chans[0], self.dec_kernel_size, self.dropout, self.dtype, self.conv_impl)
             downs[v] = [conv(self.enc_embed_dim, ds, self.enc_embed_dim, self.dtype, strides=ds, padding="VALID")
                         for _ in range(n_down)]
             outs = [chans[no_skip + i] for i in range(len(self.conv_chans))]
             outs += [chans[no_skip + len(self.conv_chans) + i] for i in range(n_down + 1)]
-            adapters[v] = [res_block(o, self.dec_kernel_size, self.dropout, self.dtype) for o in outs]
-            decoders[v] = UpsampleDecoder(chans, dp, ds, self.dec_kernel_size, self.dtype, heavy)
+            adapters[v] = [res_block(o, self.dec_kernel_size, self.dropout, self.dtype, self.conv_impl) for o in outs]
+            decoders[v] = UpsampleDecoder(chans, dp, ds, self.dec_kernel_size, self.dtype, heavy, self.conv_impl)
             heads[v] = conv(self.out_chans, (1,) * nd, chans[0], self.dtype)
         self.enc_down = stems
         self.encoder = ViTEncoder(self.enc_embed_dim, self.enc_depth, self.enc_n_heads, self.mlp_ratio, self.qkv_bias,

@@ -53,6 +53,7 @@ class ConvViT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+    conv_impl: str = "auto"
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -70,7 +71,7 @@ class ConvViT(nn.Module):
         for v in self.views:
             size, p, s = self.view_geometry(v)
             stems[v] = DownsampleEncoder(size, p, s, tuple(self.conv_chans), self.conv_n_blocks, self.enc_embed_dim,
-                                         self.dtype, self.remat == "full")
+                                         self.dtype, self.remat == "full", self.conv_impl)
             fusions[v] = MultiScaleFusion(self.enc_embed_dim, self.norm_eps, self.dtype)
         self.enc_down = stems
         self.enc_fusion = fusions

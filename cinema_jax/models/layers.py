@@ -116,14 +116,30 @@ def layer_norm(eps: float, dtype: Dtype = jnp.float32, name: str | None = None) 
 
 def conv(features: int, kernel: Sequence[int], in_features: int, dtype: Dtype = jnp.float32,
          strides: Sequence[int] | None = None, padding: str = "SAME", groups: int = 1,
-         name: str | None = None) -> Conv:
+         name: str | None = None, impl: str = "auto") -> Conv:
     """N-D conv (channel-last) with PyTorch-default init and logical names (spatial None, conv_in, conv_out)."""
     kernel = tuple(int(k) for k in kernel)
     fan_in = (in_features // groups) * math.prod(kernel)
     spatial = (None,) * len(kernel)
     return Conv(features, kernel, tuple(int(s) for s in strides) if strides is not None else None, padding, groups,
                 dtype, kernel_init=boxed(torch_conv_bias_init(fan_in), spatial + ("conv_in", "conv_out")),
-                bias_init=boxed(torch_conv_bias_init(fan_in), (None,)), name=name)
+                bias_init=boxed(torch_conv_bias_init(fan_in), (None,)), impl=impl, name=name)
+
+
+CONV_IMPLS = ("auto", "tuned", "xla")
+
+
+def resolve_conv_impl(impl: str | None) -> str:
+    """'tuned' or 'xla' for a `Conv.impl` setting; 'auto' (or None) is 'tuned' on the CPU backend, else 'xla'.
+
+    The tuned forms (`_depthwise_same`, per-depth-tap 3-D convs) work around XLA:CPU's slow grouped and 3-D conv
+    emitters and were measured there only; GPU (cuDNN) and TPU run the standard convolution unless told otherwise."""
+    impl = "auto" if impl is None else impl
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv implementation must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "tuned" if jax.default_backend() == "cpu" else "xla"
+    return impl
 
 
 _CONV_DIMS = {1: ("NHC", "HIO", "NHC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NHWDC", "HWDIO", "NHWDC")}
@@ -150,11 +166,11 @@ def _depth_planes_conv(x: Array, w: Array, strides: tuple[int, ...], padding, gr
     return y.reshape((b, nz) + y.shape[1:]).transpose(0, 2, 3, 1, 4)
 
 
-def _lax_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int) -> Array:
-    """lax conv, channel-last. A 3-D kernel with depth stride 1 runs as 2-D convs over (B*Z), one per depth tap,
-    summed: XLA:CPU's 3-D conv path is ~3x slower forward and backward (ConvUNetR 3x3x3, notes/perf.md)."""
+def _lax_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int, tuned: bool = True) -> Array:
+    """lax conv, channel-last. `tuned`: a 3-D kernel with depth stride 1 runs as 2-D convs over (B*Z), one per depth
+    tap, summed: XLA:CPU's 3-D conv path is ~3x slower forward and backward (ConvUNetR 3x3x3, notes/perf.md)."""
     nd = x.ndim - 2
-    if nd == 3 and strides[2] == 1:
+    if tuned and nd == 3 and strides[2] == 1:
         planes_conv = functools.partial(_depth_planes_conv, strides=strides, padding=padding, groups=groups)
         if w.shape[2] == 1:
             return planes_conv(x, w)
@@ -280,9 +296,10 @@ class Conv(nn.Module):
 
     Why not `nn.Conv`: XLA:CPU runs the stem's 3-D depth-wise 5x5x5 conv ~15x slower than the same math written as
     2-D convs (notes/perf.md). Same parameters, same results, cheaper lowerings: 1x1 convs are matmuls; kernel ==
-    stride 'VALID' convs (patch embeddings, fusion down-projections) are patchify + matmul; depth-wise 'SAME' convs go
-    through `_depthwise_same`; other 3-D convs with depth stride 1 run as per-depth-tap 2-D convs over (B*Z); else
-    `lax.conv_general_dilated`.
+    stride 'VALID' convs (patch embeddings, fusion down-projections) are patchify + matmul (any backend). Under
+    `impl` 'tuned' (the 'auto' choice on CPU, `resolve_conv_impl`) depth-wise 'SAME' convs go through
+    `_depthwise_same` and other 3-D convs with depth stride 1 run as per-depth-tap 2-D convs over (B*Z); everything
+    else is `lax.conv_general_dilated`.
     """
 
     features: int
@@ -293,9 +310,11 @@ class Conv(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Any = None
     bias_init: Any = None
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        tuned = resolve_conv_impl(self.impl) == "tuned"
         k = tuple(self.kernel_size)
         nd = len(k)
         cin = x.shape[-1]
@@ -314,10 +333,10 @@ class Conv(nn.Module):
             y = jnp.dot(x, w.reshape(cin, self.features))
         elif groups == 1 and strides == k and pad == "VALID":
             y = _patch_matmul(x, w)
-        elif groups == cin == self.features and all(v == 1 for v in strides) and pad == "SAME":
+        elif tuned and groups == cin == self.features and all(v == 1 for v in strides) and pad == "SAME":
             y = _depthwise_same(x, w)
         else:
-            y = _lax_conv(x, w, strides, pad, groups)
+            y = _lax_conv(x, w, strides, pad, groups, tuned)
         return y + jnp.asarray(bias, self.dtype)
 
 

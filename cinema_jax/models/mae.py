@@ -143,6 +143,7 @@ class CineMA(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"
     attention_impl: str | None = None
+    conv_impl: str = "auto"
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -164,7 +165,7 @@ class CineMA(nn.Module):
         for v in self.views:
             size, p, s = self.view_geometry(v)
             stems[v] = DownsampleEncoder(size, p, s, tuple(self.conv_chans), self.conv_n_blocks, self.enc_embed_dim,
-                                         self.dtype, heavy)
+                                         self.dtype, heavy, self.conv_impl)
             fusions[v] = MultiScaleFusion(self.enc_embed_dim, self.norm_eps, self.dtype)
             tokens[v] = MaskToken(self.dec_embed_dim)
         self.enc_down = stems

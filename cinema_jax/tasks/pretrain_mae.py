@@ -52,7 +52,7 @@ class PretrainMAE(Task):
         model_cfg["views"] = list(self.views(config))
         model_cfg["image_size"] = {v: list(self.image_size(config, v)) for v in self.views(config)}
         return build_mae(model_cfg, dtype=config.get("precision", "float32"), remat=config.get("remat", "none"),
-                         attention_impl=config.get("attention"))
+                         attention_impl=config.get("attention"), conv_impl=config.get("conv", "auto"))
 
     def source(self, config, split: str):
         import grain

@@ -90,11 +90,12 @@ def model_image_size(config, view: str) -> tuple[int, ...]:
 
 
 def model_runtime(config) -> dict:
-    """The model factories' run-time keyword arguments from the task config: compute dtype, remat, attention."""
+    """The model factories' run-time keyword arguments from the task config: compute dtype, remat, attention, conv."""
     import jax.numpy as jnp
 
     dtype = jnp.bfloat16 if cfg_get(config, "precision", "float32") == "bfloat16" else jnp.float32
-    return dict(dtype=dtype, remat=cfg_get(config, "remat", "none"), attention_impl=cfg_get(config, "attention"))
+    return dict(dtype=dtype, remat=cfg_get(config, "remat", "none"), attention_impl=cfg_get(config, "attention"),
+                conv_impl=cfg_get(config, "conv", "auto"))
 
 
 def model_config(config, view: str, **extra) -> dict:

@@ -1,0 +1,109 @@
+"""`conv_impl` ('auto' | 'tuned' | 'xla'): the CPU-tuned conv lowerings can be switched off per model, reach every
+conv of the stems and the ConvUNetR decoder, and 'auto' picks them on CPU only."""
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cinema_jax.models import build_convunetr, build_mae
+from cinema_jax.models import layers as layers_mod
+from cinema_jax.models.layers import resolve_conv_impl
+
+SIZES = {"sax": [32, 32, 4], "lax_4c": [32, 32]}
+TINY = {"size": "tiny", "conv_chans": [4, 8], "image_size": SIZES}
+
+
+def _convs(jaxpr):
+    """(kernel shape, feature_group_count) of every conv_general_dilated in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append((tuple(eqn.invars[1].aval.shape), eqn.params["feature_group_count"]))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(sub, "eqns"):
+                    found += _convs(sub)
+    return found
+
+
+def _params(model, *args, **kw):
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(model.init({"params": jax.random.key(0),
+                                                              "mask": jax.random.key(1)}, *args, **kw)["params"]))
+    return jax.tree_util.tree_map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+def _images(views, batch=2):
+    rng = np.random.default_rng(1)
+    return {v: jnp.asarray(rng.random((batch, *SIZES[v], 1)), jnp.float32) for v in views}
+
+
+def test_auto_is_tuned_on_cpu_and_xla_elsewhere(monkeypatch):
+    assert jax.default_backend() == "cpu"
+    assert resolve_conv_impl("auto") == resolve_conv_impl(None) == "tuned"
+    assert resolve_conv_impl("xla") == "xla" and resolve_conv_impl("tuned") == "tuned"
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(layers_mod.jax, "default_backend", lambda b=backend: b)
+        assert resolve_conv_impl("auto") == "xla"
+        assert resolve_conv_impl("tuned") == "tuned"
+    with pytest.raises(ValueError, match="conv implementation"):
+        resolve_conv_impl("cudnn")
+    with pytest.raises(ValueError, match="conv implementation"):
+        build_mae(dict(TINY, views=["sax"]), conv_impl="fast")
+
+
+def test_mae_stem_lowering_follows_conv_impl():
+    """The SAX (5x5x5) and LAX (5x5) depth-wise convs are XLA grouped convs under 'xla' only ('auto' on CPU is
+    'tuned'); the MAE loss is the same either way."""
+    views = ["sax", "lax_4c"]
+    images = _images(views)
+    models = {impl: build_mae(dict(TINY, views=views), conv_impl=impl) for impl in ("auto", "tuned", "xla")}
+    params = _params(models["xla"], images)
+    key = jax.random.key(3)
+
+    def loss(m, p):
+        return m.apply({"params": p}, images, rngs={"mask": key})["loss"]
+
+    for impl, model in models.items():
+        grouped = [k[:-2] for k, g in _convs(jax.make_jaxpr(lambda p, m=model: loss(m, p))(params).jaxpr) if g > 1]
+        # 2 stages x 2 masked conv blocks per view
+        assert sorted(grouped) == ([(5, 5)] * 4 + [(5, 5, 5)] * 4 if impl == "xla" else []), impl
+    with jax.default_matmul_precision("float32"):
+        np.testing.assert_allclose(jax.jit(lambda p: loss(models["tuned"], p))(params),
+                                   jax.jit(lambda p: loss(models["xla"], p))(params), rtol=1e-4)
+
+
+def test_convunetr_decoder_lowering_follows_conv_impl():
+    """ConvUNetR's 3x3x3 convs are XLA 3-D convs (forward and backward) under 'xla' only, per-depth-tap 2-D convs
+    under 'tuned'; the outputs agree."""
+    images = _images(["sax"], batch=1)
+    cfg = dict(TINY, views=["sax"], out_chans=3, dec_chans=[4, 8, 8, 16, 16])
+    models = {impl: build_convunetr(cfg, conv_impl=impl) for impl in ("tuned", "xla")}
+    params = _params(models["xla"], images)
+
+    def out(m, p):
+        return m.apply({"params": p}, images)["sax"]
+
+    for impl, model in models.items():
+        grad = jax.grad(lambda p, m=model: jnp.sum(out(m, p)))
+        kernels = [k for k, _ in _convs(jax.make_jaxpr(grad)(params).jaxpr)]
+        assert any(len(k) == 5 and k[:3] == (3, 3, 3) for k in kernels) == (impl == "xla"), impl
+    with jax.default_matmul_precision("float32"):
+        np.testing.assert_allclose(jax.jit(lambda p: out(models["tuned"], p))(params),
+                                   jax.jit(lambda p: out(models["xla"], p))(params), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, task", [("mae_pretrain.py:smoke", "pretrain_mae"),
+                                        ("finetune_seg.py:smoke", "segment")])
+def test_task_configs_pass_conv_to_the_model(spec, task):
+    from cinema_jax.config import apply_overrides, load_base
+    from cinema_jax.tasks import get_task
+
+    path = str(Path(__file__).resolve().parents[2] / "configs" / spec)
+    assert get_task(task).make_model(apply_overrides(load_base(path), ["conv=xla"])).conv_impl == "xla"
+    assert get_task(task).make_model(load_base(path)).conv_impl == "auto"
