@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from cinema_jax.models.convunetr import ConvUNetR
 from cinema_jax.models.convvit import ConvViT
 from cinema_jax.models.landmark import heatmap_soft_argmax, landmark_heatmaps
-from cinema_jax.models.layers import CONV_IMPLS
+from cinema_jax.models.layers import check_conv_impl
 from cinema_jax.models.mae import VIEWS, CineMA
 from cinema_jax.models.patchify import patchify, random_mask, reconstruct, unpatchify
 from cinema_jax.models.pos_embed import sincos_pos_embed
@@ -116,10 +116,8 @@ def _common(cfg: dict, default_views: tuple[str, ...]) -> dict:
 
 
 def _runtime(dtype, remat, attention_impl, conv_impl) -> dict:
-    if (conv_impl or "auto") not in CONV_IMPLS:  # fail at build time, not at the first trace
-        raise ValueError(f"conv implementation must be one of {CONV_IMPLS}, got {conv_impl!r}")
     return dict(dtype=_dtype(dtype), remat=remat or "none", attention_impl=attention_impl,
-                conv_impl=conv_impl or "auto")
+                conv_impl=check_conv_impl(conv_impl))  # a bad name fails at build time, not at the first trace
 
 
 def build_mae(model_cfg: Any = None, dtype: Any = None, remat: str = "none",

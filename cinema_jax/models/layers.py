@@ -129,14 +129,20 @@ def conv(features: int, kernel: Sequence[int], in_features: int, dtype: Dtype = 
 CONV_IMPLS = ("auto", "tuned", "xla")
 
 
+def check_conv_impl(impl: str | None) -> str:
+    """The `Conv.impl` name (None = 'auto'), or a ValueError naming the choices; touches no backend."""
+    impl = "auto" if impl is None else impl
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv implementation must be one of {CONV_IMPLS}, got {impl!r}")
+    return impl
+
+
 def resolve_conv_impl(impl: str | None) -> str:
     """'tuned' or 'xla' for a `Conv.impl` setting; 'auto' (or None) is 'tuned' on the CPU backend, else 'xla'.
 
     The tuned forms (`_depthwise_same`, per-depth-tap 3-D convs) work around XLA:CPU's slow grouped and 3-D conv
     emitters and were measured there only; GPU (cuDNN) and TPU run the standard convolution unless told otherwise."""
-    impl = "auto" if impl is None else impl
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv implementation must be one of {CONV_IMPLS}, got {impl!r}")
+    impl = check_conv_impl(impl)
     if impl == "auto":
         return "tuned" if jax.default_backend() == "cpu" else "xla"
     return impl
