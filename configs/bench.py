@@ -102,6 +102,7 @@ def get_config(name: str = "mae_base") -> ml_collections.ConfigDict:
     if name == "memory_fit":
         c = _common(name, "memory_fit", _task("mae_pretrain.py:base"))
         c.precision, c.remat = "bfloat16", "block"
+        c.conv = "xla"  # the lowering 'auto' picks on the accelerators this estimates (the CPU-tuned one: conv=tuned)
         return c
     if name == "memory_fit_tiny":
         c = _common(name, "memory_fit", _task("mae_pretrain.py:smoke", MICRO))
