@@ -361,6 +361,8 @@ class TrainStep:
 def run_train_step(config) -> dict[str, Any]:
     import jax
 
+    from cinema_jax.models.layers import resolve_conv_impl
+
     devices = _devices(config)
     if int(config.timed_steps) < 1:
         raise ConfigError("bench: timed_steps must be >= 1")
@@ -394,6 +396,8 @@ def run_train_step(config) -> dict[str, Any]:
         "name": config.name, "mode": "train_step", "task": ts.tc.task,
         "model": _plain(ts.tc.model), "input_shapes": {k: list(v[0]) for k, v in ts.batch_spec.items()},
         "device": device_info(devices), "batch_size": bs, "precision": config.precision, "remat": config.remat,
+        "attention": ts.tc.get("attention"),  # None for tasks without the option (the denoiser)
+        "conv": resolve_conv_impl(ts.tc.conv) if "conv" in ts.tc else None,  # 'auto' resolved for this backend
         "mesh": dict(zip(ts.mesh.axis_names, (int(s) for s in ts.mesh.devices.shape))),
         "n_params": int(n_params),
         "step_time_s": step_s, "step_times_s": times, "samples_per_s": bs / step_s,

@@ -58,6 +58,7 @@ def test_train_step_json(capsys):
     assert cpu["user"] > 0 and cpu["sys"] >= 0
     assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
     assert r["samples_per_s"] == pytest.approx(2 / r["step_time_s"])
+    assert r["attention"] == "explicit" and r["conv"] == "tuned"  # 'auto' resolved on the CPU backend
 
 
 def test_data_benchmarks_json(capsys):
