@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cinema_jax.models.layers import conv, dense, gelu, layer_norm
+from cinema_jax.models.layers import conv, dense, gelu, layer_norm, remat_wrap
 from cinema_jax.models.patchify import grid_size, patchify, upsample_mask
 from cinema_jax.models.pos_embed import pos_embed_for_grid
 
@@ -107,7 +107,7 @@ class ConvStage(nn.Module):
     @nn.compact
     def __call__(self, x: Array, visible: Array | None) -> Array:
         x = ConvNormAct(self.features, self.kernel, self.dtype, name="patch_embed")(x)
-        block_cls = nn.remat(MaskedConvBlock) if self.remat else MaskedConvBlock
+        block_cls = remat_wrap(MaskedConvBlock, "full" if self.remat else "none", static_argnums=())
         for j in range(self.n_blocks):
             x = block_cls(dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv_{j}")(x, visible)
         return x
