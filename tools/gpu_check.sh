@@ -11,7 +11,8 @@
 # line; a run that would start with under 60 s left is skipped and says so.
 #   1-2  mae_base bf16, conv lowering xla vs the CPU-tuned one (models.layers.resolve_conv_impl), cudnn attention
 #   3    the same with the explicit attention (head-major einsums)
-#   4    a short real training run of mae_pretrain.py:base: step time and data_wait_frac (input stalls) from the log
+#   4    a 40-step real training run of mae_pretrain.py:base: steps_per_s and data_wait_frac (input stalls) per 10
+#        steps, from its metrics.jsonl (copied to $OUT/train_metrics.jsonl)
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
