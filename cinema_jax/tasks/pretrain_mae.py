@@ -47,12 +47,12 @@ class PretrainMAE(Task):
 
     def make_model(self, config):
         from cinema_jax.models import build_mae
+        from cinema_jax.tasks.segment import model_runtime  # one reader of the run-time keys for every task
 
         model_cfg = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
         model_cfg["views"] = list(self.views(config))
         model_cfg["image_size"] = {v: list(self.image_size(config, v)) for v in self.views(config)}
-        return build_mae(model_cfg, dtype=config.get("precision", "float32"), remat=config.get("remat", "none"),
-                         attention_impl=config.get("attention"), conv_impl=config.get("conv", "auto"))
+        return build_mae(model_cfg, **model_runtime(config))
 
     def source(self, config, split: str):
         import grain
