@@ -2,7 +2,7 @@
 
 Subcommands:
   train   --config=configs/NAME.py[:variant] --workdir=DIR [--config.key=value ...]
-  data    synth [--preview OUT.png] [--out DIR --n-subjects N] | prepare DATASET RAW_DIR OUT_DIR
+  data    synth [--preview OUT.png] [--out DIR --n-subjects N [--cine]] | prepare DATASET RAW_DIR OUT_DIR
   infer   segment|landmark|classify|ef|denoise --ckpt DIR --input PATH --output DIR
   convert import|export ...
   bench   --config=configs/bench.py:NAME [--config.key=value ...]
@@ -58,6 +58,8 @@ def cmd_data(argv: list[str]) -> int:
     synth.add_argument("--out", help="write subjects as an ArrayRecord dataset to this directory")
     synth.add_argument("--n-subjects", type=int, default=32)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--cine", action="store_true",
+                       help="also store every frame ('<view>_t'), for MAE pretraining on random frames")
     prep = sub.add_parser("prepare", help="raw public release -> CineMA processed layout")
     prep.add_argument("dataset", choices=["acdc", "mnms", "mnms2"])
     prep.add_argument("raw_dir")
@@ -74,7 +76,7 @@ def cmd_data(argv: list[str]) -> int:
         if args.out:
             from cinema_jax.data.datasets import write_synthetic_dataset
 
-            write_synthetic_dataset(args.out, n_subjects=args.n_subjects, seed=args.seed)
+            write_synthetic_dataset(args.out, n_subjects=args.n_subjects, seed=args.seed, cine=args.cine)
             print(f"wrote {args.n_subjects} subjects to {args.out}")
     else:
         from cinema_jax.data.datasets import prepare

@@ -36,7 +36,9 @@ def _base() -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.eval_batch_size = 0  # 0 = batch_size
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",
+        source="synthetic",  # synthetic | arrayrecord (data.path) | cinema_layout (data.root); tasks/pretrain_mae.py
+        path="",
+        root="",
         views=VIEWS,
         sax_size=(192, 192, 16),
         sax_spacing=(1.0, 1.0, 10.0),

@@ -21,6 +21,7 @@ def run_cli(*args, timeout=600):
     (["--config.nope=1"], "unknown config key 'nope'"),
     (["--config.total_steps=x"], "expected an integer"),
     (["--config.mesh.data=3"], "needs 3 devices"),
+    (["--config.data.source=arrayrecord"], "data.path is required for data.source='arrayrecord'"),
 ])
 def test_train_config_errors_are_one_line(tmp_path, args, match):
     out = run_cli("train", "--config=configs/mae_pretrain.py:smoke", f"--workdir={tmp_path}", *args)
@@ -28,6 +29,13 @@ def test_train_config_errors_are_one_line(tmp_path, args, match):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_data_synth_writes_a_cine_dataset(tmp_path):
+    out = run_cli("data", "synth", "--out", str(tmp_path / "ds"), "--n-subjects", "2", "--cine")
+    assert out.returncode == 0, out.stderr
+    info = json.loads((tmp_path / "ds" / "info.json").read_text())
+    assert info["cine"] is True and info["splits"] == {"train": 1, "val": 1} and "sax_t" in info["keys"]
 
 
 def test_missing_config_file(tmp_path):

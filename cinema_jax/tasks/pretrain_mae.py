@@ -1,10 +1,21 @@
-"""CineMA MAE pretraining task on the built-in synthetic phantom (../shared/docs/cinema.md §2).
+"""CineMA MAE pretraining task (../shared/docs/cinema.md §2): on the built-in phantom or on prepared data.
 
-Records are light (`{'seed', 'index'}` of a phantom subject); one record per subject per epoch. `transform` draws one
-random frame of the cardiac cycle (train; frame 0 for eval), renders all configured views of that SAME frame, applies
-the reference augmentation (random isotropic zoom, prob 0.5, factor 0.9-1.1, size kept, zero padding), min-max scales
-each view to [0, 1] and end-pads SAX slices. Loss = the MAE model's masked-patch MSE (mean per view, then over
-views); eval metric = validation loss with fixed masks.
+One record per subject per epoch. `transform` takes one frame of the cardiac cycle (random when training, the first
+for eval) for all configured views at that SAME frame, applies the reference augmentation (random isotropic zoom,
+prob 0.5, factor 0.9-1.1, size kept, zero padding), min-max scales each view to [0, 1] and end-pads SAX slices.
+Loss = the MAE model's masked-patch MSE (mean per view, then over views); eval metric = validation loss with fixed
+masks.
+
+`data.source`:
+  synthetic      (default) light `{'seed', 'index'}` records; the phantom renders the frame in the worker.
+  arrayrecord    `data.path`: a directory with `{train,val}.array_record` (e.g. `cinema-jax data synth --out DIR
+                 --cine`), or a pattern with '{split}'. Records with cine arrays '<view>_t' (x, y[, z], t) give a
+                 random frame t of all T (UK Biobank-style pretraining); records with only '<view>_ed' / '<view>_es'
+                 give ED or ES at random.
+  cinema_layout  `data.root`: the processed NIfTI layout (`cinema-jax data prepare`): ED or ES at random.
+Images whose '<view>_spacing' differs from `data.sax_spacing` / `data.lax_spacing` are resampled (linear) to it;
+then cropped / padded to the configured size (SAX: centre in-plane, end in depth; LAX: centre). Set `total_steps`
+(or `data.n_subjects.train` to the dataset's size) so the schedule matches a record dataset.
 
 Sample layout (no batch dim): '<view>' float32 (X, Y, Z, 1) for sax, (X, Y, 1) for lax_*.
 """
@@ -57,6 +68,19 @@ class PretrainMAE(Task):
     def source(self, config, split: str):
         import grain
 
+        from cinema_jax.errors import ConfigError
+
+        name = str(config.data.get("source", "synthetic"))
+        if name in ("arrayrecord", "cinema_layout"):
+            from cinema_jax.data import datasets
+
+            if name == "arrayrecord":
+                return grain.MapDataset.source(datasets.arrayrecord_source(config.data, split))
+            layout = {"root": config.data.get("root", ""), "views": self.views(config), "with_labels": False}
+            return grain.MapDataset.source(datasets.cinema_layout_source(layout, split))
+        if name != "synthetic":
+            raise ConfigError(f"data.source={name!r} is unknown for pretraining; choose from synthetic, "
+                              "arrayrecord, cinema_layout")
         n = dict(config.data.n_subjects)
         if split not in n:
             raise KeyError(split)
@@ -64,17 +88,15 @@ class PretrainMAE(Task):
         return grain.MapDataset.source([{"seed": seed, "index": i} for i in range(int(n[split]))])
 
     def transform(self, record, rng: np.random.Generator, config, train: bool) -> dict[str, np.ndarray]:
-        from cinema_jax.data import phantom
-
-        pcfg = phantom_config(config)
-        subject = phantom.sample_subject(int(record["seed"]), int(record["index"]), pcfg)
-        frame = int(rng.integers(pcfg.n_frames)) if train else 0
         views = self.views(config)
-        images = phantom.render(subject, frames=[frame], views=views, cfg=pcfg, labels=False)
+        if str(config.data.get("source", "synthetic")) == "synthetic":
+            images = self._phantom_frame(record, rng, config, train)
+        else:
+            images = self._record_frame(record, rng, config, train)
         d = config.data
         out = {}
         for view in views:
-            img = np.asarray(images[view][0], np.float32)
+            img = images[view]
             if train:
                 img = transforms.random_zoom(img, rng, prob=float(d.zoom_prob), zoom_range=tuple(d.zoom_range))
             img = transforms.minmax_scale(img)
@@ -82,6 +104,61 @@ class PretrainMAE(Task):
             img = transforms.pad_end(img, size) if view == "sax" else img
             img = transforms.crop_or_pad(img, size, mode="end" if view == "sax" else "center")
             out[view] = img[..., None].astype(np.float32)
+        return out
+
+    def _phantom_frame(self, record, rng, config, train: bool) -> dict[str, np.ndarray]:
+        from cinema_jax.data import phantom
+
+        pcfg = phantom_config(config)
+        subject = phantom.sample_subject(int(record["seed"]), int(record["index"]), pcfg)
+        frame = int(rng.integers(pcfg.n_frames)) if train else 0
+        images = phantom.render(subject, frames=[frame], views=self.views(config), cfg=pcfg, labels=False)
+        return {v: np.asarray(images[v][0], np.float32) for v in self.views(config)}
+
+    def _record_frame(self, record, rng, config, train: bool) -> dict[str, np.ndarray]:
+        """The same frame of every view from a prepared record, at the configured spacing."""
+        from cinema_jax.data.datasets import resample
+        from cinema_jax.errors import DataError
+
+        views = self.views(config)
+        where = f"record {record.get('pid', '?')!s}"
+        ndim = {v: 3 if v == "sax" else 2 for v in views}
+        if all(f"{v}_t" in record for v in views):
+            cines = {v: np.asarray(record[f"{v}_t"]) for v in views}
+            for v, c in cines.items():
+                if c.ndim != ndim[v] + 1:
+                    raise DataError(f"{where}: '{v}_t' must be {'(x, y, z, t)' if v == 'sax' else '(x, y, t)'}, "
+                                    f"got shape {c.shape}")
+            lengths = {v: c.shape[-1] for v, c in cines.items()}
+            if len(set(lengths.values())) != 1:
+                raise DataError(f"{where}: views have different frame counts {lengths}; pretraining takes the "
+                                "same frame t of every view")
+            t = int(rng.integers(next(iter(lengths.values())))) if train else 0
+            frames = {v: c[..., t] for v, c in cines.items()}
+        else:
+            missing = [f"{v}_{p}" for v in views for p in ("ed", "es") if f"{v}_{p}" not in record]
+            if missing:
+                raise DataError(f"{where}: missing {missing}; pretraining needs '<view>_t' cine arrays or "
+                                f"'<view>_ed' and '<view>_es' for every view in data.views={list(views)}")
+            phase = ("ed", "es")[int(rng.integers(2))] if train else "ed"
+            frames = {v: np.asarray(record[f"{v}_{phase}"]) for v in views}
+        d = config.data
+        out = {}
+        for v, img in frames.items():
+            if img.ndim != ndim[v]:
+                raise DataError(f"{where}: view {v!r} frame must be {ndim[v]}-D, got shape {img.shape}")
+            img = np.asarray(img, np.float32)
+            if not np.isfinite(img).all():
+                raise DataError(f"{where}: view {v!r} has NaN or infinite intensities")
+            target = [float(s) for s in (d.sax_spacing if v == "sax" else d.lax_spacing)]
+            spacing = record.get(f"{v}_spacing")
+            if spacing is not None:
+                spacing = [float(s) for s in np.ravel(spacing)[: img.ndim]]
+                if len(spacing) != img.ndim or min(spacing) <= 0:
+                    raise DataError(f"{where}: '{v}_spacing' {spacing} does not fit a {img.ndim}-D image")
+                if not np.allclose(spacing, target, rtol=1e-3):
+                    img = resample(img, spacing, target, order=1)[0].astype(np.float32)
+            out[v] = img
         return out
 
     def example_batch(self, config, batch_size: int) -> dict[str, np.ndarray]:

@@ -1,0 +1,149 @@
+"""MAE pretraining on prepared records (ArrayRecord cine / ED-ES, NIfTI layout) as well as the phantom."""
+
+import numpy as np
+import pytest
+
+from cinema_jax.config import load_config
+from cinema_jax.data import datasets
+from cinema_jax.errors import ConfigError, DataError
+from cinema_jax.tasks.pretrain_mae import PretrainMAE, phantom_config
+
+TASK = PretrainMAE()
+
+
+def smoke(**over):
+    return load_config("configs/mae_pretrain.py:smoke", [f"{k}={v}" for k, v in over.items()])
+
+
+def no_zoom(cfg):
+    cfg.data.zoom_prob = 0.0
+    return cfg
+
+
+def test_cine_records_match_the_phantom_frame(tmp_path):
+    """An ArrayRecord written from the phantom (uint8 on disk) gives the sample the phantom renders on the fly."""
+    cfg = smoke()
+    datasets.write_synthetic_dataset(tmp_path / "ds", n_subjects=3, seed=7, cfg=phantom_config(cfg), cine=True)
+    rec_cfg = smoke(**{"data.source": "arrayrecord", "data.path": str(tmp_path / "ds")})
+    src = TASK.source(rec_cfg, "train")
+    assert len(src) == 2 and len(TASK.source(rec_cfg, "val")) == 1
+    got = TASK.transform(src[1], np.random.default_rng(0), rec_cfg, train=False)
+    want = TASK.transform({"seed": 7, "index": 1}, np.random.default_rng(0), cfg, train=False)
+    assert set(got) == set(want) == {"sax", "lax_2c", "lax_3c", "lax_4c"}
+    for view in want:
+        assert got[view].shape == want[view].shape and got[view].dtype == np.float32
+        np.testing.assert_allclose(got[view], want[view], atol=0.01, err_msg=view)  # uint8 quantisation
+    # train: a random frame, the same for the phantom path and the record path given the same rng stream
+    got = TASK.transform(src[1], np.random.default_rng(3), no_zoom(rec_cfg), train=True)
+    want = TASK.transform({"seed": 7, "index": 1}, np.random.default_rng(3), no_zoom(cfg), train=True)
+    t = int(np.random.default_rng(3).integers(cfg.data.n_frames))
+    assert t != 0
+    np.testing.assert_allclose(got["sax"], want["sax"], atol=0.01)
+    assert np.abs(got["sax"] - TASK.transform(src[1], None, rec_cfg, train=False)["sax"]).max() > 0.05
+
+
+def _marker_record(n_frames=(8, 8, 8, 8), spacing_scale=1.0):
+    """Frame t of every view holds one bright pixel at x = t: the sample shows which frame each view came from."""
+    rec = {"pid": "marker"}
+    for view, n in zip(("sax", "lax_2c", "lax_3c", "lax_4c"), n_frames):
+        shape = (32, 32, 4) if view == "sax" else (32, 32)
+        cine = np.zeros(shape + (n,), np.float32)
+        for t in range(n):
+            cine[(t, 5) + (slice(None),) * (len(shape) - 2) + (t,)] = 1.0
+        rec[f"{view}_t"] = cine
+        base = (6.0, 6.0, 20.0) if view == "sax" else (8.0, 8.0)
+        rec[f"{view}_spacing"] = np.asarray(base, np.float32) * spacing_scale
+    return rec
+
+
+def test_every_view_gets_the_same_random_frame():
+    cfg = no_zoom(smoke(**{"data.source": "arrayrecord"}))
+    frames = set()
+    for seed in range(6):
+        out = TASK.transform(_marker_record(), np.random.default_rng(seed), cfg, train=True)
+        picked = {v: int(np.unravel_index(np.argmax(a), a.shape)[0]) for v, a in out.items()}
+        assert len(set(picked.values())) == 1, picked
+        frames |= set(picked.values())
+    assert len(frames) > 2  # random over the cycle, not a fixed frame
+    out = TASK.transform(_marker_record(), None, cfg, train=False)
+    assert int(np.unravel_index(np.argmax(out["lax_4c"]), out["lax_4c"].shape)[0]) == 0
+
+
+def test_ed_es_records_and_spacing_resampled():
+    cfg = no_zoom(smoke(**{"data.source": "cinema_layout"}))
+    rec = {"pid": "p"}
+    for view in ("sax", "lax_2c", "lax_3c", "lax_4c"):
+        shape = (16, 16, 4) if view == "sax" else (16, 16)
+        ed, es = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        ed[6:10, 6:10] = 1.0  # 4 px square
+        es[7:9, 7:9] = 1.0
+        rec[f"{view}_ed"], rec[f"{view}_es"] = ed, es
+        # twice the configured spacing: the square is 8 configured pixels wide after resampling
+        rec[f"{view}_spacing"] = np.asarray((12.0, 12.0, 20.0) if view == "sax" else (16.0, 16.0), np.float32)
+    out = TASK.transform(rec, None, cfg, train=False)  # eval: ED
+    for view, img in out.items():
+        assert img.shape[:2] == (32, 32), view
+        section = img[:, 16, 0, 0] if view == "sax" else img[:, 16, 0]
+        assert (section > 0.5).sum() == 8, (view, section)
+    phases = {int((TASK.transform(rec, np.random.default_rng(s), cfg, True)["lax_4c"] > 0.5).sum())
+              for s in range(8)}
+    assert phases == {64, 16}  # ED (8x8 after resampling) and ES (4x4) both drawn
+
+
+def test_bad_records_and_config_get_clear_errors():
+    cfg = smoke(**{"data.source": "arrayrecord"})
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match="different frame counts"):
+        TASK.transform(_marker_record((8, 8, 6, 8)), rng, cfg, True)
+    rec = _marker_record()
+    rec["sax_t"][0, 0, 0, 0] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        TASK.transform(rec, None, cfg, False)
+    rec = _marker_record()
+    rec["sax_t"] = rec["sax_t"][:, :, 0]
+    with pytest.raises(DataError, match=r"'sax_t' must be \(x, y, z, t\)"):
+        TASK.transform(rec, None, cfg, False)
+    rec = {k: v for k, v in _marker_record().items() if not k.startswith("lax_3c")}
+    with pytest.raises(DataError, match="lax_3c_ed"):
+        TASK.transform(rec, None, cfg, False)
+    with pytest.raises(ConfigError, match="data.path is required"):
+        TASK.source(cfg, "train")
+    with pytest.raises(ConfigError, match="unknown for pretraining"):
+        TASK.source(smoke(**{"data.source": "sunnybrook"}), "train")
+
+
+def test_layout_source_for_pretraining(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    root = tmp_path / "layout"
+    (root / "train" / "p1").mkdir(parents=True)
+    (root / "train_metadata.csv").write_text("pid\np1\n")
+    rng = np.random.default_rng(0)
+    for view in ("sax", "lax_2c", "lax_3c", "lax_4c"):
+        shape = (32, 32, 4) if view == "sax" else (32, 32, 1)
+        zooms = (6.0, 6.0, 20.0) if view == "sax" else (8.0, 8.0, 1.0)
+        for phase in ("ed", "es"):
+            img = nib.Nifti1Image(rng.random(shape).astype(np.float32), np.diag(list(zooms) + [1.0]))
+            img.header.set_zooms(zooms)
+            nib.save(img, root / "train" / "p1" / f"p1_{view}_{phase}.nii.gz")
+    cfg = smoke(**{"data.source": "cinema_layout", "data.root": str(root)})
+    src = TASK.source(cfg, "train")
+    assert len(src) == 1
+    out = TASK.transform(src[0], np.random.default_rng(0), cfg, True)
+    assert out["sax"].shape == (32, 32, 4, 1) and out["lax_2c"].shape == (32, 32, 1)
+    assert out["sax"].min() == 0.0 and out["sax"].max() == 1.0
+
+
+def test_pretraining_runs_on_an_arrayrecord_dataset(tmp_path):
+    from cinema_jax.train.logging import read_metrics
+    from cinema_jax.train.loop import train
+
+    cfg = smoke()
+    datasets.write_synthetic_dataset(tmp_path / "ds", n_subjects=10, seed=1, cfg=phantom_config(cfg), cine=True)
+    run = smoke(**{"data.source": "arrayrecord", "data.path": str(tmp_path / "ds"), "batch_size": 4,
+                   "total_steps": 2, "log_every": 1, "eval_every": 2, "image_every": 0, "checkpoint_every": 0,
+                   "mesh.data": 1, "data.views": "('sax', 'lax_4c')"})
+    train(run, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and len(evals) == 1 and 0 < evals[0] < 1
