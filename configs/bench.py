@@ -15,6 +15,8 @@ Names:
   synth_data      pretraining samples/s per worker: the pretrain_mae transform (phantom render of four views of one
                   frame at the paper's sizes + zoom + scaling), in one process = one Grain worker
   synth_tiny      the same at smoke sizes
+  record_data     the same sample read from pre-rendered ArrayRecord cine records (one frame of each view decoded)
+  record_tiny     the same at smoke sizes
   noise_pipeline  SNRAware training samples/s per worker: denoise transform (render + SNR-unit noise + crop)
   noise_tiny      the same at smoke sizes
   memory_fit      largest MAE size x batch per device under FSDP over 8 devices within memory.budget_bytes
@@ -43,7 +45,7 @@ MICRO = ("data.views=('lax_4c',)", "data.lax_size=(16,16)", "model.conv_n_blocks
 def _common(name: str, mode: str, train: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = name
-    c.mode = mode  # 'train_step' | 'synth_data' | 'noise_pipeline' | 'memory_fit' | 'scaling'
+    c.mode = mode  # 'train_step' | 'synth_data' | 'record_data' | 'noise_pipeline' | 'memory_fit' | 'scaling'
     c.seed = 0
     c.batch_size = 2  # global batch
     c.precision = "float32"
@@ -60,7 +62,8 @@ def _common(name: str, mode: str, train: ml_collections.ConfigDict) -> ml_collec
     c.hlo_stats = True  # count collectives in the compiled HLO
     c.collective_probe = True  # time an isolated all-reduce of the step's collective volume (multi-device)
     c.train = train
-    c.data = ml_collections.ConfigDict(dict(n_samples=8, warmup_samples=1, consumer_samples_per_s=0.0))
+    c.data = ml_collections.ConfigDict(dict(n_samples=8, warmup_samples=1, consumer_samples_per_s=0.0,
+                                            record_subjects=6))
     c.memory = ml_collections.ConfigDict(dict(sizes=("base", "large", "huge"), budget_bytes=80 * 10**9,
                                               fsdp=8, max_batch_per_device=64, check=True))
     c.scaling = ml_collections.ConfigDict(dict(device_counts=(1, 2, 4, 8), weak_batch_per_device=2,
@@ -94,6 +97,11 @@ def get_config(name: str = "mae_base") -> ml_collections.ConfigDict:
     if name in ("synth_data", "synth_tiny"):
         c = _common(name, "synth_data", _task("mae_pretrain.py:" + ("base" if name == "synth_data" else "smoke")))
         c.data.n_samples = 6 if name == "synth_data" else 3
+        return c
+    if name in ("record_data", "record_tiny"):
+        c = _common(name, "record_data", _task("mae_pretrain.py:" + ("base" if name == "record_data" else "smoke")))
+        c.data.n_samples = 24 if name == "record_data" else 3
+        c.data.record_subjects = 6 if name == "record_data" else 2
         return c
     if name in ("noise_pipeline", "noise_tiny"):
         c = _common(name, "noise_pipeline", _task("denoise.py:" + ("paper" if name == "noise_pipeline" else "smoke")))

@@ -62,11 +62,15 @@ def test_train_step_json(capsys):
 
 
 def test_data_benchmarks_json(capsys):
-    for name in ("synth_tiny", "noise_tiny"):
+    for name in ("synth_tiny", "record_tiny", "noise_tiny"):
         r = _run(name, "data.n_samples=2", "data.consumer_samples_per_s=1.0", capsys=capsys)
         assert r["name"] == name
         assert r["samples_per_s_per_worker"] > 0 and r["grain_samples_per_s_per_worker"] > 0
         assert r["ratio_vs_consumer_per_worker"] == pytest.approx(r["samples_per_s_per_worker"])
+        if name == "record_tiny":  # smoke sizes: SAX 32x32x4 + 3 LAX 32x32, 8 frames, uint8 per frame
+            assert r["read_decode_samples_per_s"] > 0 and r["records"] == 2 and r["n_frames"] == 8
+            assert 8 * (32 * 32 * 4 + 3 * 32 * 32) // 2 < r["bytes_per_record"] < 8 * 4 * (32 * 32 * 4 + 3 * 32 * 32)
+            assert r["sample_shapes"]["sax"] == [32, 32, 4, 1]
 
 
 @pytest.mark.parametrize("lib", ["", "jemalloc"])

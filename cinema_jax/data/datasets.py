@@ -750,50 +750,124 @@ def annotated_to_3d(annotated: np.ndarray, shape: tuple[int, ...]) -> np.ndarray
 # ====================================================================================================== ArrayRecord
 _U8 = "::u8"  # key suffix marking a float array in [0, 1] stored quantised to uint8
 _SEP = "/"  # nested dict keys are flattened with this separator
+_FRAME = "@t"  # '<key>@t00012': frame 12 of a cine array stored one frame per member ('<key>@shape': its shape)
+_SHAPE = "@shape"
+ARRAYRECORD_OPTIONS = "group_size:1,uncompressed"  # members are zlib'd in the npz: a frame decodes on its own
 
 
 def _flatten(record: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for k, v in record.items():
-        if _SEP in k or _U8 in k:
-            raise ValueError(f"record key {k!r} must not contain {_SEP!r} or {_U8!r}")
+        if _SEP in k or _U8 in k or "@" in k:
+            raise ValueError(f"record key {k!r} must not contain {_SEP!r}, {_U8!r} or '@'")
         if isinstance(v, Mapping):
             yield from _flatten(v, f"{prefix}{k}{_SEP}")
         else:
             yield f"{prefix}{k}", v
 
 
-def encode_record(record: Mapping[str, Any], quantize: Iterable[str] = ()) -> bytes:
-    """Serialise a (nested) dict of arrays / scalars / strings to compressed npz bytes (no pickle).
+def _quantise(arr: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def encode_record(record: Mapping[str, Any], quantize: Iterable[str] = (), frames: Iterable[str] = ()) -> bytes:
+    """Serialise a (nested) dict of arrays / scalars / strings to npz bytes, each member zlib'd (no pickle).
 
     Keys in `quantize` (float arrays in [0, 1], e.g. images) are stored as uint8 (x 255) and decoded back to float32.
+    Keys in `frames` (cine arrays, time last) are stored one member per frame, so a reader that wants one frame of
+    the cycle decompresses that frame only (`decode_record` returns them as `FrameStack`s).
     """
-    quantize = set(quantize)
+    quantize, frames = set(quantize), set(frames)
     arrays = {}
     for key, value in _flatten(record):
         arr = np.asarray(value)
         if arr.dtype == object:
             raise ValueError(f"record field {key!r} is not an array, number or string ({type(value).__name__})")
-        if key in quantize:
-            arrays[key + _U8] = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+        suffix = _U8 if key in quantize else ""
+        if key in frames:
+            if arr.ndim < 2:
+                raise ValueError(f"record field {key!r} has shape {arr.shape}; frames are stored along a last axis")
+            arrays[key + _SHAPE] = np.asarray(arr.shape, np.int64)
+            for t in range(arr.shape[-1]):
+                frame = arr[..., t]
+                arrays[f"{key}{_FRAME}{t:05d}{suffix}"] = _quantise(frame) if suffix else frame
         else:
-            arrays[key] = arr
+            arrays[key + suffix] = _quantise(arr) if suffix else arr
     buf = _io.BytesIO()
     np.savez_compressed(buf, **arrays)
     return buf.getvalue()
 
 
+class FrameStack:
+    """A cine array (time last) decoded frame by frame from its record: `frame(t)` decompresses frame t only.
+
+    `np.asarray(stack)` gives the whole float32 / stored-dtype array; `shape`, `ndim` and `dtype` need no decoding.
+    Pickles as the plain array.
+    """
+
+    def __init__(self, npz, key: str, shape: Sequence[int], quantised: bool, where: str):
+        self._npz, self._key, self._q, self._where = npz, key, quantised, where
+        self.shape = tuple(int(s) for s in shape)
+        self.ndim = len(self.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.float32) if self._q else self.frame(0).dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def frame(self, t: int) -> np.ndarray:
+        t = int(t)
+        if not -self.shape[-1] <= t < self.shape[-1]:
+            raise IndexError(f"frame {t} out of range for {self.shape[-1]} frames of {self._key!r}")
+        member = f"{self._key}{_FRAME}{t % self.shape[-1]:05d}{_U8 if self._q else ''}"
+        try:
+            arr = self._npz[member]
+        except Exception as err:
+            raise DataError(f"{self._where}: cannot decode {member!r} ({type(err).__name__}: {err})") from None
+        if arr.shape != self.shape[:-1]:
+            raise DataError(f"{self._where}: frame {t} of {self._key!r} has shape {arr.shape}, expected "
+                            f"{self.shape[:-1]}")
+        return arr.astype(np.float32) / np.float32(255.0) if self._q else arr
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.stack([self.frame(t) for t in range(self.shape[-1])], axis=-1)
+        return out if dtype is None else out.astype(dtype)
+
+    def __reduce__(self):
+        return (np.asarray, (np.asarray(self),))
+
+    def __repr__(self) -> str:
+        return f"FrameStack({self._key!r}, shape={self.shape}, quantised={self._q})"
+
+
+def frame_of(array, t: int) -> np.ndarray:
+    """Frame t (last axis) of a cine array or `FrameStack`, decoding only that frame."""
+    return array.frame(t) if isinstance(array, FrameStack) else np.asarray(array)[..., int(t)]
+
+
 def decode_record(data: bytes, where: str = "record") -> dict[str, Any]:
-    """Inverse of `encode_record`: 0-d numbers come back as numpy scalars, strings as str, nested dicts rebuilt."""
+    """Inverse of `encode_record`: 0-d numbers come back as numpy scalars, strings as str, nested dicts rebuilt,
+    per-frame cine arrays as `FrameStack`s (decoded on access)."""
     try:
-        with np.load(_io.BytesIO(data), allow_pickle=False) as npz:
-            flat = {k: npz[k] for k in npz.files}
+        npz = np.load(_io.BytesIO(data), allow_pickle=False)
+        names = list(npz.files)
+        stacks = {n[: -len(_SHAPE)]: npz[n] for n in names if n.endswith(_SHAPE)}
+        flat = {k: npz[k] for k in names if _FRAME not in k and not k.endswith(_SHAPE)}
     except Exception as err:
         raise DataError(f"{where}: cannot decode record ({type(err).__name__}: {err})") from None
+    for key, shape in stacks.items():
+        quantised = f"{key}{_FRAME}00000{_U8}" in names
+        if f"{key}{_FRAME}00000{_U8 if quantised else ''}" not in names and int(shape[-1]) > 0:
+            raise DataError(f"{where}: cine field {key!r} has no frames")
+        flat[key] = FrameStack(npz, key, shape, quantised, where)
+    if not stacks:
+        npz.close()
     out: dict[str, Any] = {}
     for key, arr in flat.items():
         if key.endswith(_U8):
             key, arr = key[: -len(_U8)], arr.astype(np.float32) / np.float32(255.0)
-        if arr.ndim == 0:
+        if isinstance(arr, np.ndarray) and arr.ndim == 0:
             arr = str(arr[()]) if arr.dtype.kind == "U" else arr[()]
         node = out
         *parents, leaf = key.split(_SEP)
@@ -804,20 +878,21 @@ def decode_record(data: bytes, where: str = "record") -> dict[str, Any]:
 
 
 def write_arrayrecord(path: str | os.PathLike, records: Iterable[Mapping[str, Any]],
-                      quantize: Iterable[str] = ()) -> int:
+                      quantize: Iterable[str] = (), frames: Iterable[str] = ()) -> int:
     """Atomically write records (dicts of numpy arrays) to one ArrayRecord file; returns the count.
 
-    group_size:1 keeps every record individually addressable for fast random access by Grain.
+    group_size:1 keeps every record individually addressable for fast random access by Grain; the npz members are
+    already compressed one by one, so the ArrayRecord layer does not compress again (one frame decodes alone).
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    quantize = tuple(quantize)
+    quantize, frames = tuple(quantize), tuple(frames)
     n = 0
     with atomic_path(path) as tmp:
-        writer = ArrayRecordWriter(str(tmp), "group_size:1")
+        writer = ArrayRecordWriter(str(tmp), ARRAYRECORD_OPTIONS)
         try:
             for rec in records:
-                writer.write(encode_record(rec, quantize))
+                writer.write(encode_record(rec, quantize, frames))
                 n += 1
         finally:
             writer.close()
@@ -946,9 +1021,10 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, n_subjects: int = 32, se
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         first = synthetic_record(seed, 0, cfg, views, cine)
         quantize = _image_keys(first)
+        frames = [k for k in quantize if k.endswith("_t")]
         for split, idx in splits.items():
             if len(idx):
-                counts[split] = write_arrayrecord(tmp / f"{split}.array_record", records(idx), quantize)
+                counts[split] = write_arrayrecord(tmp / f"{split}.array_record", records(idx), quantize, frames)
         info = {"kind": "synthetic", "seed": seed, "n_subjects": n_subjects, "splits": counts,
                 "keys": sorted(first), "quantized": quantize, "cine": cine}
         (tmp / "info.json").write_text(json.dumps(info, indent=1))

@@ -117,24 +117,24 @@ class PretrainMAE(Task):
 
     def _record_frame(self, record, rng, config, train: bool) -> dict[str, np.ndarray]:
         """The same frame of every view from a prepared record, at the configured spacing."""
-        from cinema_jax.data.datasets import resample
+        from cinema_jax.data.datasets import frame_of, resample
         from cinema_jax.errors import DataError
 
         views = self.views(config)
         where = f"record {record.get('pid', '?')!s}"
         ndim = {v: 3 if v == "sax" else 2 for v in views}
         if all(f"{v}_t" in record for v in views):
-            cines = {v: np.asarray(record[f"{v}_t"]) for v in views}
+            cines = {v: record[f"{v}_t"] for v in views}  # arrays or FrameStacks (one frame decoded below)
             for v, c in cines.items():
-                if c.ndim != ndim[v] + 1:
+                if np.ndim(c) != ndim[v] + 1:
                     raise DataError(f"{where}: '{v}_t' must be {'(x, y, z, t)' if v == 'sax' else '(x, y, t)'}, "
-                                    f"got shape {c.shape}")
-            lengths = {v: c.shape[-1] for v, c in cines.items()}
+                                    f"got shape {np.shape(c)}")
+            lengths = {v: int(np.shape(c)[-1]) for v, c in cines.items()}
             if len(set(lengths.values())) != 1:
                 raise DataError(f"{where}: views have different frame counts {lengths}; pretraining takes the "
                                 "same frame t of every view")
             t = int(rng.integers(next(iter(lengths.values())))) if train else 0
-            frames = {v: c[..., t] for v, c in cines.items()}
+            frames = {v: frame_of(c, t) for v, c in cines.items()}
         else:
             missing = [f"{v}_{p}" for v in views for p in ("ed", "es") if f"{v}_{p}" not in record]
             if missing:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cinema_jax.data import datasets as D
+from cinema_jax.data import phantom as phantom_lib
 from cinema_jax.errors import CinemaError, ConfigError, DataError
 
 
@@ -262,6 +263,39 @@ def test_arrayrecord_errors_and_atomic(tmp_path):
         D.encode_record({"bad": object()})
 
 
+def test_cine_stored_per_frame_decodes_one_frame(tmp_path, monkeypatch):
+    import pickle
+
+    rng = np.random.default_rng(1)
+    cine = rng.random((6, 5, 3, 7)).astype(np.float32)
+    counts = rng.integers(0, 9, (4, 7)).astype(np.int16)
+    path = tmp_path / "cine.array_record"
+    D.write_arrayrecord(path, [{"pid": "a", "sax_t": cine, "n": counts, "still": cine[..., 0]}],
+                        quantize=("sax_t",), frames=("sax_t", "n"))
+    rec = D.ArrayRecordSource(path)[0]
+    stack, ints = rec["sax_t"], rec["n"]
+    assert isinstance(stack, D.FrameStack) and stack.shape == (6, 5, 3, 7) and stack.ndim == 4
+    assert stack.dtype == np.float32 and ints.dtype == np.int16 and np.ndim(stack) == 4
+    np.testing.assert_allclose(np.asarray(stack), cine, atol=0.5 / 255)
+    np.testing.assert_array_equal(np.asarray(ints), counts)
+    np.testing.assert_allclose(D.frame_of(stack, 4), cine[..., 4], atol=0.5 / 255)
+    np.testing.assert_allclose(D.frame_of(stack, -1), cine[..., 6], atol=0.5 / 255)
+    np.testing.assert_array_equal(D.frame_of(cine, 2), cine[..., 2])  # plain arrays too
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(stack)), np.asarray(stack))
+    with pytest.raises(IndexError, match="frame 7 out of range"):
+        stack.frame(7)
+    # only the requested frame's member is decompressed
+    seen = []
+    load = type(stack._npz).__getitem__
+    monkeypatch.setattr(type(stack._npz), "__getitem__", lambda self, k: seen.append(k) or load(self, k))
+    stack.frame(3)
+    assert seen == ["sax_t@t00003::u8"]
+    with pytest.raises(ValueError, match="must not contain"):
+        D.encode_record({"a@t": np.zeros(2)})
+    with pytest.raises(ValueError, match="last axis"):
+        D.encode_record({"v": np.zeros(3)}, frames=("v",))
+
+
 def test_make_source_dispatch(tmp_path):
     D.write_arrayrecord(tmp_path / "train.array_record", _records(3))
     src = D.make_source({"source": "arrayrecord", "path": str(tmp_path)}, "train")
@@ -299,6 +333,12 @@ def test_write_synthetic_dataset(tmp_path):
     np.testing.assert_allclose(again["sax_ed"], rec["sax_ed"], atol=1 / 255)
     with pytest.raises(CinemaError, match="exists"):
         D.write_synthetic_dataset(tmp_path / "synth", n_subjects=2)
+    cfg = phantom_lib.PhantomConfig(sax_size=(24, 24), n_slices=3, lax_size=(20, 20), n_frames=5)
+    D.write_synthetic_dataset(tmp_path / "cine", n_subjects=2, seed=5, cfg=cfg, views=("sax", "lax_4c"), cine=True)
+    rec = D.ArrayRecordSource(tmp_path / "cine/train.array_record")[0]
+    assert isinstance(rec["sax_t"], D.FrameStack) and rec["sax_t"].shape == (24, 24, 3, 5)
+    ed = int(rec["ed_frame"])
+    np.testing.assert_array_equal(D.frame_of(rec["sax_t"], ed), rec["sax_ed"])
 
 
 # ============================================================================================================= TFDS
