@@ -12,7 +12,8 @@ train_step       the training loop's own jitted, sharded step (`cinema_jax.train
 synth_data       phantom generator samples/s per worker (one Grain map worker = this process): one MAE pretraining
                  sample = the four views of one frame at the configured sizes.
 record_data      the same MAE sample read from a pre-rendered ArrayRecord dataset (cine records: every frame of
-                 every view, uint8, one npz member per frame) written to a temporary directory first: read +
+                 every view, uint8; `data.frame_records`: one record per frame in a companion file, else one npz
+                 member per frame inside the subject's record) written to a temporary directory first: read +
                  decode one frame of each view + zoom + scaling, and the read + decode alone.
 noise_pipeline   SNRAware training samples/s per worker: phantom render of a complex slice + SNR-unit noise
                  synthesis + crop (`cinema_jax.tasks.denoise` transform), and the noise synthesis alone.
@@ -541,8 +542,11 @@ def run_record_data(config) -> dict[str, Any]:
            "n_frames": int(pcfg.n_frames), "records": n_rec}
     with tempfile.TemporaryDirectory(prefix="cinema_bench_") as tmp:
         path = Path(tmp) / "train.array_record"
-        datasets.write_arrayrecord(path, records(), quantize=keys, frames=keys)
-        out["bytes_per_record"] = int(path.stat().st_size // n_rec)
+        frame_records = bool(config.data.frame_records)
+        datasets.write_arrayrecord(path, records(), quantize=keys, frames=keys, frame_records=frame_records)
+        size = path.stat().st_size + (datasets.frames_path(path).stat().st_size if frame_records else 0)
+        out["bytes_per_record"] = int(size // n_rec)
+        out["layout"] = "frame records (companion file)" if frame_records else "frames inline (one member each)"
         src = datasets.ArrayRecordSource(path)
         tc.data.source = "arrayrecord"
         for i in range(n_rec):  # first touch of each record (page faults of the fresh file) outside the timing

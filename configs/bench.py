@@ -63,7 +63,7 @@ def _common(name: str, mode: str, train: ml_collections.ConfigDict) -> ml_collec
     c.collective_probe = True  # time an isolated all-reduce of the step's collective volume (multi-device)
     c.train = train
     c.data = ml_collections.ConfigDict(dict(n_samples=8, warmup_samples=1, consumer_samples_per_s=0.0,
-                                            record_subjects=6))
+                                            record_subjects=6, frame_records=True))
     c.memory = ml_collections.ConfigDict(dict(sizes=("base", "large", "huge"), budget_bytes=80 * 10**9,
                                               fsdp=8, max_batch_per_device=64, check=True))
     c.scaling = ml_collections.ConfigDict(dict(device_counts=(1, 2, 4, 8), weak_batch_per_device=2,

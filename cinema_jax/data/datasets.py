@@ -15,7 +15,9 @@ numpy / scipy / nibabel / pydicom / grain only: nothing here imports jax or Tens
 from __future__ import annotations
 
 import configparser
+import contextlib
 import csv
+import functools
 import io as _io
 import json
 import os
@@ -752,6 +754,8 @@ _U8 = "::u8"  # key suffix marking a float array in [0, 1] stored quantised to u
 _SEP = "/"  # nested dict keys are flattened with this separator
 _FRAME = "@t"  # '<key>@t00012': frame 12 of a cine array stored one frame per member ('<key>@shape': its shape)
 _SHAPE = "@shape"
+_FRAMES_AT = "@frames"  # in a record whose frames live in the companion file: index of its frame 0 there
+_FRAMES_U8 = "@frames_u8"  # ... and the names of its quantised cine keys
 ARRAYRECORD_OPTIONS = "group_size:1,uncompressed"  # members are zlib'd in the npz: a frame decodes on its own
 
 
@@ -769,15 +773,17 @@ def _quantise(arr: np.ndarray) -> np.ndarray:
     return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def encode_record(record: Mapping[str, Any], quantize: Iterable[str] = (), frames: Iterable[str] = ()) -> bytes:
-    """Serialise a (nested) dict of arrays / scalars / strings to npz bytes, each member zlib'd (no pickle).
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buf = _io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
-    Keys in `quantize` (float arrays in [0, 1], e.g. images) are stored as uint8 (x 255) and decoded back to float32.
-    Keys in `frames` (cine arrays, time last) are stored one member per frame, so a reader that wants one frame of
-    the cycle decompresses that frame only (`decode_record` returns them as `FrameStack`s).
-    """
+
+def _split_record(record: Mapping[str, Any], quantize: Iterable[str], frames: Iterable[str]
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(npz members of the record, {frame key + suffix: cine array}) with quantisation applied."""
     quantize, frames = set(quantize), set(frames)
-    arrays = {}
+    arrays, cines = {}, {}
     for key, value in _flatten(record):
         arr = np.asarray(value)
         if arr.dtype == object:
@@ -787,25 +793,36 @@ def encode_record(record: Mapping[str, Any], quantize: Iterable[str] = (), frame
             if arr.ndim < 2:
                 raise ValueError(f"record field {key!r} has shape {arr.shape}; frames are stored along a last axis")
             arrays[key + _SHAPE] = np.asarray(arr.shape, np.int64)
-            for t in range(arr.shape[-1]):
-                frame = arr[..., t]
-                arrays[f"{key}{_FRAME}{t:05d}{suffix}"] = _quantise(frame) if suffix else frame
+            cines[key + suffix] = _quantise(arr) if suffix else arr
         else:
             arrays[key + suffix] = _quantise(arr) if suffix else arr
-    buf = _io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
+    return arrays, cines
+
+
+def encode_record(record: Mapping[str, Any], quantize: Iterable[str] = (), frames: Iterable[str] = ()) -> bytes:
+    """Serialise a (nested) dict of arrays / scalars / strings to npz bytes, each member zlib'd (no pickle).
+
+    Keys in `quantize` (float arrays in [0, 1], e.g. images) are stored as uint8 (x 255) and decoded back to float32.
+    Keys in `frames` (cine arrays, time last) are stored one member per frame, so a reader that wants one frame of
+    the cycle decompresses that frame only (`decode_record` returns them as `FrameStack`s).
+    """
+    arrays, cines = _split_record(record, quantize, frames)
+    for key, arr in cines.items():
+        base, suffix = (key[: -len(_U8)], _U8) if key.endswith(_U8) else (key, "")
+        for t in range(arr.shape[-1]):
+            arrays[f"{base}{_FRAME}{t:05d}{suffix}"] = arr[..., t]
+    return _npz_bytes(arrays)
 
 
 class FrameStack:
-    """A cine array (time last) decoded frame by frame from its record: `frame(t)` decompresses frame t only.
+    """A cine array (time last) decoded frame by frame: `frame(t)` reads and decompresses frame t only.
 
-    `np.asarray(stack)` gives the whole float32 / stored-dtype array; `shape`, `ndim` and `dtype` need no decoding.
-    Pickles as the plain array.
+    `fetch(t)` returns the stored frame (uint8 when quantised). `np.asarray(stack)` gives the whole array; `shape`
+    and `ndim` need no decoding. Pickles as the plain array.
     """
 
-    def __init__(self, npz, key: str, shape: Sequence[int], quantised: bool, where: str):
-        self._npz, self._key, self._q, self._where = npz, key, quantised, where
+    def __init__(self, key: str, shape: Sequence[int], quantised: bool, fetch, where: str):
+        self._key, self._q, self._fetch, self._where = key, quantised, fetch, where
         self.shape = tuple(int(s) for s in shape)
         self.ndim = len(self.shape)
 
@@ -820,11 +837,14 @@ class FrameStack:
         t = int(t)
         if not -self.shape[-1] <= t < self.shape[-1]:
             raise IndexError(f"frame {t} out of range for {self.shape[-1]} frames of {self._key!r}")
-        member = f"{self._key}{_FRAME}{t % self.shape[-1]:05d}{_U8 if self._q else ''}"
+        t %= self.shape[-1]
         try:
-            arr = self._npz[member]
+            arr = self._fetch(t)
+        except DataError:
+            raise
         except Exception as err:
-            raise DataError(f"{self._where}: cannot decode {member!r} ({type(err).__name__}: {err})") from None
+            raise DataError(f"{self._where}: cannot decode frame {t} of {self._key!r} ({type(err).__name__}: "
+                            f"{err})") from None
         if arr.shape != self.shape[:-1]:
             raise DataError(f"{self._where}: frame {t} of {self._key!r} has shape {arr.shape}, expected "
                             f"{self.shape[:-1]}")
@@ -846,22 +866,52 @@ def frame_of(array, t: int) -> np.ndarray:
     return array.frame(t) if isinstance(array, FrameStack) else np.asarray(array)[..., int(t)]
 
 
-def decode_record(data: bytes, where: str = "record") -> dict[str, Any]:
+class _FrameRecords:
+    """Frame records of one subject in a companion file, the last one read kept open (all views share a frame)."""
+
+    def __init__(self, read, first: int, where: str):
+        self._read, self._first, self._where = read, int(first), where
+        self._t, self._npz = None, None
+
+    def member(self, name: str, t: int) -> np.ndarray:
+        if self._t != t:
+            if self._read is None:
+                raise DataError(f"{self._where}: its frames live in a companion '.frames.array_record' file that "
+                                "was not opened (read it through ArrayRecordSource)")
+            self._npz = np.load(_io.BytesIO(self._read(self._first + t)), allow_pickle=False)
+            self._t = t
+        return self._npz[name]
+
+
+def _inline_frame(npz, prefix: str, suffix: str, t: int) -> np.ndarray:
+    return npz[f"{prefix}{t:05d}{suffix}"]
+
+
+def decode_record(data: bytes, where: str = "record", read_frame_record=None) -> dict[str, Any]:
     """Inverse of `encode_record`: 0-d numbers come back as numpy scalars, strings as str, nested dicts rebuilt,
-    per-frame cine arrays as `FrameStack`s (decoded on access)."""
+    per-frame cine arrays as `FrameStack`s (decoded on access). `read_frame_record(i)` returns record i of the
+    companion frames file, for records written with `write_arrayrecord(..., frame_records=True)`."""
     try:
         npz = np.load(_io.BytesIO(data), allow_pickle=False)
         names = list(npz.files)
         stacks = {n[: -len(_SHAPE)]: npz[n] for n in names if n.endswith(_SHAPE)}
-        flat = {k: npz[k] for k in names if _FRAME not in k and not k.endswith(_SHAPE)}
+        flat = {k: npz[k] for k in names if _FRAME not in k and not k.endswith(_SHAPE) and not k.startswith("@")}
+        first = int(npz[_FRAMES_AT]) if _FRAMES_AT in names else None
+        quantised_keys = set(npz[_FRAMES_U8].tolist()) if _FRAMES_U8 in names else set()
     except Exception as err:
         raise DataError(f"{where}: cannot decode record ({type(err).__name__}: {err})") from None
+    records = _FrameRecords(read_frame_record, first, where) if first is not None else None
     for key, shape in stacks.items():
-        quantised = f"{key}{_FRAME}00000{_U8}" in names
-        if f"{key}{_FRAME}00000{_U8 if quantised else ''}" not in names and int(shape[-1]) > 0:
-            raise DataError(f"{where}: cine field {key!r} has no frames")
-        flat[key] = FrameStack(npz, key, shape, quantised, where)
-    if not stacks:
+        if records is not None:  # frames in the companion file, one record per frame holding every cine key
+            quantised = key in quantised_keys
+            fetch = functools.partial(records.member, key + (_U8 if quantised else ""))
+        else:  # frames inline, one member each
+            quantised = f"{key}{_FRAME}00000{_U8}" in names
+            if f"{key}{_FRAME}00000{_U8 if quantised else ''}" not in names and int(shape[-1]) > 0:
+                raise DataError(f"{where}: cine field {key!r} has no frames")
+            fetch = functools.partial(_inline_frame, npz, key + _FRAME, _U8 if quantised else "")
+        flat[key] = FrameStack(key, shape, quantised, fetch, where)
+    if not stacks or records is not None:
         npz.close()
     out: dict[str, Any] = {}
     for key, arr in flat.items():
@@ -875,34 +925,59 @@ def decode_record(data: bytes, where: str = "record") -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = arr
     return out
+def frames_path(path: str | os.PathLike) -> Path:
+    """The companion file holding the per-frame records of `X.array_record`: `X.frames.array_record`."""
+    p = Path(path)
+    stem = p.name[: -len(".array_record")] if p.name.endswith(".array_record") else p.name
+    return p.with_name(f"{stem}.frames.array_record")
 
 
-def write_arrayrecord(path: str | os.PathLike, records: Iterable[Mapping[str, Any]],
-                      quantize: Iterable[str] = (), frames: Iterable[str] = ()) -> int:
+def write_arrayrecord(path: str | os.PathLike, records: Iterable[Mapping[str, Any]], quantize: Iterable[str] = (),
+                      frames: Iterable[str] = (), frame_records: bool = False) -> int:
     """Atomically write records (dicts of numpy arrays) to one ArrayRecord file; returns the count.
 
     group_size:1 keeps every record individually addressable for fast random access by Grain; the npz members are
     already compressed one by one, so the ArrayRecord layer does not compress again (one frame decodes alone).
+    `frame_records`: the `frames` keys go to the companion file `frames_path(path)`, one record per frame holding
+    frame t of every cine key, so reading one frame of a subject reads ~1/T of its bytes (pretraining draws one
+    frame per subject). Both files are renamed into place only when both are complete.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
     quantize, frames = tuple(quantize), tuple(frames)
-    n = 0
-    with atomic_path(path) as tmp:
+    n = n_frames = 0
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(path))
+        ftmp = stack.enter_context(atomic_path(frames_path(path))) if frame_records else None
         writer = ArrayRecordWriter(str(tmp), ARRAYRECORD_OPTIONS)
-        try:
-            for rec in records:
+        stack.callback(writer.close)
+        fwriter = ArrayRecordWriter(str(ftmp), ARRAYRECORD_OPTIONS) if ftmp is not None else None
+        if fwriter is not None:
+            stack.callback(fwriter.close)
+        for rec in records:
+            if fwriter is None:
                 writer.write(encode_record(rec, quantize, frames))
-                n += 1
-        finally:
-            writer.close()
+            else:
+                arrays, cines = _split_record(rec, quantize, frames)
+                lengths = {arr.shape[-1] for arr in cines.values()}
+                if len(lengths) > 1:
+                    raise ValueError(f"record {n}: cine fields {sorted(cines)} have different frame counts {lengths}")
+                arrays[_FRAMES_AT] = np.int64(n_frames)
+                arrays[_FRAMES_U8] = np.asarray([k[: -len(_U8)] for k in cines if k.endswith(_U8)], dtype=np.str_)
+                for t in range(lengths.pop() if lengths else 0):
+                    fwriter.write(_npz_bytes({k: arr[..., t] for k, arr in cines.items()}))
+                    n_frames += 1
+                writer.write(_npz_bytes(arrays))
+            n += 1
     return n
 
 
 class ArrayRecordSource(_GrainSource):
     """Grain source over one or more ArrayRecord files written by `write_arrayrecord`, decoding to dicts.
 
-    `path_or_paths`: a file, a directory (all its `*.array_record` files, sorted) or a list of files.
+    `path_or_paths`: a file, a directory (all its `*.array_record` files but the `*.frames.array_record`
+    companions, sorted) or a list of files. A file's companion, when present, is opened beside it and serves the
+    `FrameStack`s of its records.
     """
 
     def __init__(self, path_or_paths: str | os.PathLike | Sequence[str | os.PathLike]):
@@ -910,7 +985,8 @@ class ArrayRecordSource(_GrainSource):
 
         if isinstance(path_or_paths, (str, os.PathLike)):
             p = Path(path_or_paths)
-            paths = sorted(p.glob("*.array_record")) if p.is_dir() else [p]
+            paths = sorted(q for q in p.glob("*.array_record") if not q.name.endswith(".frames.array_record")
+                           and not q.name.startswith(".")) if p.is_dir() else [p]
             if p.is_dir() and not paths:
                 raise DataError(f"{p}: no *.array_record files in directory")
         else:
@@ -922,11 +998,14 @@ class ArrayRecordSource(_GrainSource):
                 raise DataError(f"{p}: ArrayRecord file not found")
         self.paths = tuple(str(p) for p in paths)
         try:
-            self._source = ArrayRecordDataSource(list(self.paths))
-            self._len = len(self._source)
+            self._sources = [ArrayRecordDataSource([p]) for p in self.paths]
+            self._frames = [ArrayRecordDataSource([str(frames_path(p))]) if frames_path(p).is_file() else None
+                            for p in self.paths]
         except Exception as err:
             raise DataError(f"{', '.join(self.paths)}: cannot open ArrayRecord ({type(err).__name__}: {err})") \
                 from None
+        self._ends = np.cumsum([len(s) for s in self._sources])
+        self._len = int(self._ends[-1])
 
     def __len__(self) -> int:
         return self._len
@@ -936,12 +1015,23 @@ class ArrayRecordSource(_GrainSource):
         if not -self._len <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} records")
         index %= self._len
+        f = int(np.searchsorted(self._ends, index, side="right"))
+        local = index - (int(self._ends[f - 1]) if f else 0)
+        path = self.paths[f]
         try:
-            data = self._source[index]
+            data = self._sources[f][local]
         except Exception as err:
-            raise DataError(f"{', '.join(self.paths)}: cannot read record {index} ({type(err).__name__}: {err})") \
-                from None
-        return decode_record(data, f"{', '.join(self.paths)} record {index}")
+            raise DataError(f"{path}: cannot read record {local} ({type(err).__name__}: {err})") from None
+        companion = self._frames[f]
+
+        def read_frame(i: int) -> bytes:
+            try:
+                return companion[i]
+            except Exception as err:
+                raise DataError(f"{frames_path(path)}: cannot read frame record {i} ({type(err).__name__}: "
+                                f"{err})") from None
+
+        return decode_record(data, f"{path} record {local}", read_frame if companion is not None else None)
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource(paths={list(self.paths)!r}, n={self._len})"
@@ -1006,7 +1096,9 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, n_subjects: int = 32, se
     """Render `n_subjects` phantom subjects into `<out_dir>/{train,val}.array_record` (+ `info.json`).
 
     Images are stored quantised to uint8 (as the reference stores processed data) and decode to float32 in [0, 1].
-    The last round(n * val_fraction) subject indices (>= 1 when n >= 2) form `val`. Written atomically.
+    `cine`: every frame too ('<view>_t', in `<split>.frames.array_record`, one record per frame: see
+    `write_arrayrecord`). The last round(n * val_fraction) subject indices (>= 1 when n >= 2) form `val`. Written
+    atomically.
     """
     if n_subjects < 1:
         raise ConfigError(f"n_subjects must be >= 1, got {n_subjects}")
@@ -1024,7 +1116,8 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, n_subjects: int = 32, se
         frames = [k for k in quantize if k.endswith("_t")]
         for split, idx in splits.items():
             if len(idx):
-                counts[split] = write_arrayrecord(tmp / f"{split}.array_record", records(idx), quantize, frames)
+                counts[split] = write_arrayrecord(tmp / f"{split}.array_record", records(idx), quantize, frames,
+                                                  frame_records=cine)
         info = {"kind": "synthetic", "seed": seed, "n_subjects": n_subjects, "splits": counts,
                 "keys": sorted(first), "quantized": quantize, "cine": cine}
         (tmp / "info.json").write_text(json.dumps(info, indent=1))

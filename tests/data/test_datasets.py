@@ -263,33 +263,48 @@ def test_arrayrecord_errors_and_atomic(tmp_path):
         D.encode_record({"bad": object()})
 
 
-def test_cine_stored_per_frame_decodes_one_frame(tmp_path, monkeypatch):
+@pytest.mark.parametrize("frame_records", [False, True])
+def test_cine_stored_per_frame_decodes_one_frame(tmp_path, monkeypatch, frame_records):
     import pickle
 
     rng = np.random.default_rng(1)
-    cine = rng.random((6, 5, 3, 7)).astype(np.float32)
+    cines = [rng.random((6, 5, 3, 7)).astype(np.float32) for _ in range(3)]
     counts = rng.integers(0, 9, (4, 7)).astype(np.int16)
     path = tmp_path / "cine.array_record"
-    D.write_arrayrecord(path, [{"pid": "a", "sax_t": cine, "n": counts, "still": cine[..., 0]}],
-                        quantize=("sax_t",), frames=("sax_t", "n"))
-    rec = D.ArrayRecordSource(path)[0]
-    stack, ints = rec["sax_t"], rec["n"]
-    assert isinstance(stack, D.FrameStack) and stack.shape == (6, 5, 3, 7) and stack.ndim == 4
-    assert stack.dtype == np.float32 and ints.dtype == np.int16 and np.ndim(stack) == 4
-    np.testing.assert_allclose(np.asarray(stack), cine, atol=0.5 / 255)
-    np.testing.assert_array_equal(np.asarray(ints), counts)
-    np.testing.assert_allclose(D.frame_of(stack, 4), cine[..., 4], atol=0.5 / 255)
-    np.testing.assert_allclose(D.frame_of(stack, -1), cine[..., 6], atol=0.5 / 255)
-    np.testing.assert_array_equal(D.frame_of(cine, 2), cine[..., 2])  # plain arrays too
+    recs = [{"pid": f"s{i}", "sax_t": c, "n": counts + i, "still": c[..., 0]} for i, c in enumerate(cines)]
+    assert D.write_arrayrecord(path, recs, quantize=("sax_t",), frames=("sax_t", "n"),
+                               frame_records=frame_records) == 3
+    assert D.frames_path(path).is_file() == frame_records
+    src = D.ArrayRecordSource(tmp_path)  # a directory: the companion is not a dataset file of its own
+    assert len(src) == 3 and src.paths == (str(path),)
+    for i in (2, 0, 1):  # any order: each record finds its own frames
+        rec = src[i]
+        stack, ints = rec["sax_t"], rec["n"]
+        assert isinstance(stack, D.FrameStack) and stack.shape == (6, 5, 3, 7) and stack.ndim == 4
+        assert stack.dtype == np.float32 and ints.dtype == np.int16 and np.ndim(stack) == 4
+        np.testing.assert_allclose(np.asarray(stack), cines[i], atol=0.5 / 255)
+        np.testing.assert_array_equal(np.asarray(ints), counts + i)
+        np.testing.assert_allclose(D.frame_of(stack, 4), cines[i][..., 4], atol=0.5 / 255)
+        np.testing.assert_allclose(D.frame_of(stack, -1), cines[i][..., 6], atol=0.5 / 255)
+        np.testing.assert_allclose(rec["still"], cines[i][..., 0])
+    np.testing.assert_array_equal(D.frame_of(cines[0], 2), cines[0][..., 2])  # plain arrays too
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(stack)), np.asarray(stack))
     with pytest.raises(IndexError, match="frame 7 out of range"):
         stack.frame(7)
     # only the requested frame's member is decompressed
     seen = []
-    load = type(stack._npz).__getitem__
-    monkeypatch.setattr(type(stack._npz), "__getitem__", lambda self, k: seen.append(k) or load(self, k))
+    load = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda self, k: seen.append(k) or load(self, k))
     stack.frame(3)
-    assert seen == ["sax_t@t00003::u8"]
+    assert seen == (["sax_t::u8"] if frame_records else ["sax_t@t00003::u8"])
+    if frame_records:
+        with pytest.raises(DataError, match="companion"):
+            D.decode_record(src._sources[0][0])["sax_t"].frame(0)
+        with pytest.raises(ValueError, match="different frame counts"):
+            D.write_arrayrecord(tmp_path / "bad.array_record", [{"a": np.zeros((2, 3)), "b": np.zeros((2, 4))}],
+                                frames=("a", "b"), frame_records=True)
+        assert not (tmp_path / "bad.array_record").exists() and not D.frames_path(tmp_path / "bad").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["cine.array_record", "cine.frames.array_record"]
     with pytest.raises(ValueError, match="must not contain"):
         D.encode_record({"a@t": np.zeros(2)})
     with pytest.raises(ValueError, match="last axis"):
@@ -335,6 +350,7 @@ def test_write_synthetic_dataset(tmp_path):
         D.write_synthetic_dataset(tmp_path / "synth", n_subjects=2)
     cfg = phantom_lib.PhantomConfig(sax_size=(24, 24), n_slices=3, lax_size=(20, 20), n_frames=5)
     D.write_synthetic_dataset(tmp_path / "cine", n_subjects=2, seed=5, cfg=cfg, views=("sax", "lax_4c"), cine=True)
+    assert (tmp_path / "cine/train.frames.array_record").is_file()
     rec = D.ArrayRecordSource(tmp_path / "cine/train.array_record")[0]
     assert isinstance(rec["sax_t"], D.FrameStack) and rec["sax_t"].shape == (24, 24, 3, 5)
     ed = int(rec["ed_frame"])
