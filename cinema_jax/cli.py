@@ -3,6 +3,7 @@
 Subcommands:
   train   --config=configs/NAME.py[:variant] --workdir=DIR [--config.key=value ...]
   data    synth [--preview OUT.png] [--out DIR --n-subjects N [--cine]] | prepare DATASET RAW_DIR OUT_DIR
+          | pack LAYOUT_DIR OUT_DIR [--views ...] [--no-cine | --cine-only] [--no-labels]
   infer   segment|landmark|classify|ef|denoise --ckpt DIR --input PATH --output DIR
   convert import|export ...
   bench   --config=configs/bench.py:NAME [--config.key=value ...]
@@ -60,6 +61,13 @@ def cmd_data(argv: list[str]) -> int:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--cine", action="store_true",
                        help="also store every frame ('<view>_t'), for MAE pretraining on random frames")
+    pack = sub.add_parser("pack", help="CineMA processed layout (NIfTI) -> ArrayRecord, cine one record per frame")
+    pack.add_argument("layout_dir")
+    pack.add_argument("out_dir")
+    pack.add_argument("--views", default="sax,lax_2c,lax_3c,lax_4c", help="comma-separated (default: all four)")
+    pack.add_argument("--no-cine", action="store_true", help="ED/ES only (no '<pid>_<view>_t.nii.gz' files)")
+    pack.add_argument("--cine-only", action="store_true", help="cine only (a pretraining layout without ED/ES)")
+    pack.add_argument("--no-labels", action="store_true", help="skip the '_gt' label files")
     prep = sub.add_parser("prepare", help="raw public release -> CineMA processed layout")
     prep.add_argument("dataset", choices=["acdc", "mnms", "mnms2"])
     prep.add_argument("raw_dir")
@@ -78,6 +86,15 @@ def cmd_data(argv: list[str]) -> int:
 
             write_synthetic_dataset(args.out, n_subjects=args.n_subjects, seed=args.seed, cine=args.cine)
             print(f"wrote {args.n_subjects} subjects to {args.out}")
+    elif args.action == "pack":
+        from cinema_jax.data.datasets import pack_layout
+
+        if args.no_cine and args.cine_only:
+            parser.error("--no-cine and --cine-only exclude each other")
+        views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+        counts = pack_layout(args.layout_dir, args.out_dir, views, cine=not args.no_cine, edes=not args.cine_only,
+                             with_labels=not args.no_labels)
+        print(f"packed {counts} subjects into {args.out_dir}")
     else:
         from cinema_jax.data.datasets import prepare
 

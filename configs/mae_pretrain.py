@@ -39,6 +39,7 @@ def _base() -> ml_collections.ConfigDict:
         source="synthetic",  # synthetic | arrayrecord (data.path) | cinema_layout (data.root); tasks/pretrain_mae.py
         path="",
         root="",
+        cine=False,  # cinema_layout: read '<pid>_<view>_t.nii.gz' cine files instead of ED/ES
         views=VIEWS,
         sax_size=(192, 192, 16),
         sax_spacing=(1.0, 1.0, 10.0),

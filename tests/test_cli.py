@@ -38,6 +38,26 @@ def test_data_synth_writes_a_cine_dataset(tmp_path):
     assert info["cine"] is True and info["splits"] == {"train": 1, "val": 1} and "sax_t" in info["keys"]
 
 
+def test_data_pack_a_cine_layout(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+
+    (tmp_path / "layout" / "train" / "p1").mkdir(parents=True)
+    (tmp_path / "layout" / "train_metadata.csv").write_text("pid\np1\n")
+    cine = np.random.default_rng(0).integers(0, 256, (16, 16, 3, 5)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(cine, np.eye(4)), tmp_path / "layout" / "train" / "p1" / "p1_sax_t.nii.gz")
+    out = run_cli("data", "pack", str(tmp_path / "layout"), str(tmp_path / "packed"), "--views", "sax",
+                  "--cine-only")
+    assert out.returncode == 0, out.stderr
+    info = json.loads((tmp_path / "packed" / "info.json").read_text())
+    assert info["splits"] == {"train": 1} and info["cine"] and not info["edes"]
+    assert (tmp_path / "packed" / "train.frames.array_record").is_file()
+    again = run_cli("data", "pack", str(tmp_path / "layout"), str(tmp_path / "packed2"), "--views", "sax")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert "p1_sax_ed.nii.gz: file not found" in again.stderr
+    assert not (tmp_path / "packed2").exists()
+
+
 def test_missing_config_file(tmp_path):
     out = run_cli("train", "--config=configs/nope.py", f"--workdir={tmp_path}")
     assert out.returncode == 2 and out.stderr.strip() == "error: config file not found: configs/nope.py"

@@ -219,18 +219,23 @@ class CinemaLayoutSource(_GrainSource):
 
     Each item: '<view>_ed' / '<view>_es' float32 in [0, 1] (uint8 files, as the reference stores them, are divided by
     255), '<view>_ed_gt' / '<view>_es_gt' uint8 when `with_labels`, '<view>_spacing' float32 (mm), 'pid' and the
-    metadata columns. SAX arrays are (x, y, z); LAX files stored (x, y, 1) are returned (x, y).
+    metadata columns. SAX arrays are (x, y, z); LAX files stored (x, y, 1) are returned (x, y). `cine`: also
+    '<view>_t' from `<pid>_<view>_t.nii.gz`, SAX (x, y, z, t), LAX (x, y, t); `edes=False` skips the ED/ES files
+    (a pretraining layout may hold only the cine, as the reference's UK Biobank files do).
     """
 
     def __init__(self, root: str | os.PathLike, split: str, views: Sequence[str] = ("sax",),
-                 with_labels: bool = True):
+                 with_labels: bool = True, cine: bool = False, edes: bool = True):
         self.root = Path(root)
         self.split = split
         self.views = tuple(views)
-        self.with_labels = bool(with_labels)
+        self.with_labels = bool(with_labels) and bool(edes)
+        self.cine, self.edes = bool(cine), bool(edes)
         bad = [v for v in self.views if v not in LAYOUT_VIEWS]
         if bad:
             raise ConfigError(f"unknown view(s) {bad}; views are {LAYOUT_VIEWS}")
+        if not (self.cine or self.edes):
+            raise ConfigError("CinemaLayoutSource needs cine=True or edes=True (nothing to read otherwise)")
         if not self.root.is_dir():
             raise DataError(f"{self.root}: dataset root not found")
         self._rows = read_metadata_csv(self.root / f"{split}_metadata.csv")
@@ -239,12 +244,23 @@ class CinemaLayoutSource(_GrainSource):
         return len(self._rows)
 
     def __repr__(self) -> str:
+        extra = (", cine=True" if self.cine else "") + ("" if self.edes else ", edes=False")
         return (f"CinemaLayoutSource(root={str(self.root)!r}, split={self.split!r}, views={self.views!r}, "
-                f"with_labels={self.with_labels}, n={len(self)})")
+                f"with_labels={self.with_labels}{extra}, n={len(self)})")
 
     def path(self, index: int, view: str, phase: str, label: bool = False) -> Path:
         pid = self._rows[index]["pid"]
         return self.root / self.split / pid / f"{pid}_{view}_{phase}{'_gt' if label else ''}.nii.gz"
+
+    def _image(self, path: Path, view: str, cine: bool) -> Volume:
+        ndim = ((4,) if view == "sax" else (3, 4)) if cine else ((3,) if view == "sax" else (2, 3))
+        vol = read_nifti(path, ndim=ndim, dtype=np.float32)
+        img = vol.array
+        if _on_disk_dtype(path) == np.uint8:
+            img = img / 255.0
+        if view != "sax" and img.ndim == (4 if cine else 3):
+            img = _squeeze_lax(img, path)
+        return Volume(img.astype(np.float32), vol.spacing, vol.affine, vol.meta)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
@@ -253,31 +269,31 @@ class CinemaLayoutSource(_GrainSource):
         row = self._rows[index]
         out: dict[str, Any] = dict(row)
         for view in self.views:
-            ndim = (3,) if view == "sax" else (2, 3)
-            for phase in ("ed", "es"):
-                vol = read_nifti(self.path(index, view, phase), ndim=ndim, dtype=np.float32)
-                img = vol.array
-                raw_dtype = _on_disk_dtype(self.path(index, view, phase))
-                if raw_dtype == np.uint8:
-                    img = img / 255.0
-                if view != "sax" and img.ndim == 3:
-                    img = _squeeze_lax(img, self.path(index, view, phase))
-                out[f"{view}_{phase}"] = img.astype(np.float32)
-                out[f"{view}_spacing"] = np.asarray(vol.spacing[: img.ndim], np.float32)
+            spatial = 3 if view == "sax" else 2
+            for phase in ("ed", "es") if self.edes else ():
+                vol = self._image(self.path(index, view, phase), view, cine=False)
+                out[f"{view}_{phase}"] = vol.array
+                out[f"{view}_spacing"] = np.asarray(vol.spacing[:spatial], np.float32)
                 if self.with_labels:
                     lpath = self.path(index, view, phase, label=True)
-                    lab = read_nifti(lpath, ndim=ndim, dtype=np.uint8).array
+                    lab = read_nifti(lpath, ndim=(3,) if view == "sax" else (2, 3), dtype=np.uint8).array
                     if view != "sax" and lab.ndim == 3:
                         lab = _squeeze_lax(lab, lpath)
-                    if lab.shape != img.shape:
-                        raise DataError(f"{lpath}: label shape {lab.shape} differs from image shape {img.shape}")
+                    if lab.shape != vol.array.shape:
+                        raise DataError(f"{lpath}: label shape {lab.shape} differs from image shape "
+                                        f"{vol.array.shape}")
                     out[f"{view}_{phase}_gt"] = lab
+            if self.cine:
+                vol = self._image(self.path(index, view, "t"), view, cine=True)
+                out[f"{view}_t"] = vol.array
+                out.setdefault(f"{view}_spacing", np.asarray(vol.spacing[:spatial], np.float32))
         return out
 
 
 def _squeeze_lax(arr: np.ndarray, path: Path) -> np.ndarray:
     if arr.shape[2] != 1:
-        raise DataError(f"{path}: LAX image must be (x, y) or (x, y, 1), got {arr.shape}")
+        kind = "(x, y, t) or (x, y, 1, t)" if arr.ndim == 4 else "(x, y) or (x, y, 1)"
+        raise DataError(f"{path}: LAX image must be {kind}, got {arr.shape}")
     return arr[:, :, 0]
 
 
@@ -1035,6 +1051,54 @@ class ArrayRecordSource(_GrainSource):
 
     def __repr__(self) -> str:
         return f"ArrayRecordSource(paths={list(self.paths)!r}, n={self._len})"
+
+
+def _checked(src: CinemaLayoutSource, images: Sequence[str], cines: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """The source's items, refusing intensities outside [0, 1] (uint8 storage would clip them) and cine views of
+    different lengths (a frame record holds frame t of every view)."""
+    for i in range(len(src)):
+        rec = src[i]
+        for key in images:
+            lo, hi = float(np.min(rec[key])), float(np.max(rec[key]))
+            if lo < -1e-3 or hi > 1 + 1e-3:
+                view, phase = key.rsplit("_", 1)
+                raise DataError(f"{src.path(i, view, phase)}: intensities span [{lo:.3g}, {hi:.3g}]; the layout "
+                                "stores [0, 1] (uint8 / 255 or scaled float)")
+        lengths = {k: rec[k].shape[-1] for k in cines}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"{src.root / src.split / str(rec['pid'])}: cine views have different frame counts "
+                            f"{lengths}")
+        yield rec
+
+
+def pack_layout(root: str | os.PathLike, out_dir: str | os.PathLike, views: Sequence[str] = LAYOUT_VIEWS,
+                cine: bool = True, edes: bool = True, with_labels: bool = True,
+                splits: Sequence[str] = ("train", "val", "test"), overwrite: bool = False) -> dict[str, int]:
+    """A CineMA processed layout (NIfTI) -> `<out_dir>/<split>.array_record` (+ `.frames.array_record` for cine).
+
+    For pretraining at accelerator rates: images are stored as uint8 (the layout's [0, 1] intensities x 255, as the
+    reference stores them), cine '<view>_t' one record per frame in the companion file, so a sample reads one frame
+    of a subject. Splits without a `<split>_metadata.csv` are skipped. Written atomically; returns subjects per
+    split.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset root not found")
+    todo = [sp for sp in splits if (root / f"{sp}_metadata.csv").is_file()]
+    if not todo:
+        raise DataError(f"{root}: no {'/'.join(f'{sp}_metadata.csv' for sp in splits)}; not a CineMA layout")
+    counts: dict[str, int] = {}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for split in todo:
+            src = CinemaLayoutSource(root, split, views, with_labels=with_labels, cine=cine, edes=edes)
+            images = [f"{v}_{k}" for v in views for k in (("ed", "es") if edes else ()) + (("t",) if cine else ())]
+            cines = [f"{v}_t" for v in views] if cine else []
+            counts[split] = write_arrayrecord(tmp / f"{split}.array_record", _checked(src, images, cines),
+                                              quantize=images, frames=cines, frame_records=bool(cines))
+        info = {"kind": "cinema_layout", "root": str(root.resolve()), "views": list(views), "cine": cine,
+                "edes": edes, "labels": with_labels and edes, "splits": counts, "quantized": "uint8"}
+        (tmp / "info.json").write_text(json.dumps(info, indent=1))
+    return counts
 
 
 # ======================================================================================== synthetic -> ArrayRecord

@@ -12,7 +12,9 @@ masks.
                  --cine`), or a pattern with '{split}'. Records with cine arrays '<view>_t' (x, y[, z], t) give a
                  random frame t of all T (UK Biobank-style pretraining); records with only '<view>_ed' / '<view>_es'
                  give ED or ES at random.
-  cinema_layout  `data.root`: the processed NIfTI layout (`cinema-jax data prepare`): ED or ES at random.
+  cinema_layout  `data.root`: the processed NIfTI layout (`cinema-jax data prepare`): ED or ES at random; with
+                 `data.cine=True` a random frame of `<pid>_<view>_t.nii.gz` (the whole 4-D file is read per
+                 sample: `cinema-jax data pack` the layout to ArrayRecord for speed).
 Images whose '<view>_spacing' differs from `data.sax_spacing` / `data.lax_spacing` are resampled (linear) to it;
 then cropped / padded to the configured size (SAX: centre in-plane, end in depth; LAX: centre). Set `total_steps`
 (or `data.n_subjects.train` to the dataset's size) so the schedule matches a record dataset.
@@ -76,8 +78,12 @@ class PretrainMAE(Task):
 
             if name == "arrayrecord":
                 return grain.MapDataset.source(datasets.arrayrecord_source(config.data, split))
-            layout = {"root": config.data.get("root", ""), "views": self.views(config), "with_labels": False}
-            return grain.MapDataset.source(datasets.cinema_layout_source(layout, split))
+            cine = bool(config.data.get("cine", False))
+            root = str(config.data.get("root", "") or "")
+            if not root:
+                raise ConfigError("data.root is required for data.source='cinema_layout'")
+            return grain.MapDataset.source(datasets.CinemaLayoutSource(root, split, self.views(config),
+                                                                       with_labels=False, cine=cine, edes=not cine))
         if name != "synthetic":
             raise ConfigError(f"data.source={name!r} is unknown for pretraining; choose from synthetic, "
                               "arrayrecord, cinema_layout")

@@ -5,7 +5,7 @@ import pytest
 
 from cinema_jax.config import load_config
 from cinema_jax.data import datasets
-from cinema_jax.errors import ConfigError, DataError
+from cinema_jax.errors import CinemaError, ConfigError, DataError
 from cinema_jax.tasks.pretrain_mae import PretrainMAE, phantom_config
 
 TASK = PretrainMAE()
@@ -112,25 +112,82 @@ def test_bad_records_and_config_get_clear_errors():
         TASK.source(smoke(**{"data.source": "sunnybrook"}), "train")
 
 
-def test_layout_source_for_pretraining(tmp_path):
+def _write_layout(root, splits=(("train", ("p1", "p2")), ("val", ("p3",))), n_frames=(6, 6, 6, 6), float_scale=None):
+    """A CineMA processed layout at smoke sizes: uint8 ED/ES and cine '<pid>_<view>_t' files (LAX stored x, y, 1, t),
+    or float32 files scaled by `float_scale`."""
     nib = pytest.importorskip("nibabel")
-    root = tmp_path / "layout"
-    (root / "train" / "p1").mkdir(parents=True)
-    (root / "train_metadata.csv").write_text("pid\np1\n")
     rng = np.random.default_rng(0)
-    for view in ("sax", "lax_2c", "lax_3c", "lax_4c"):
-        shape = (32, 32, 4) if view == "sax" else (32, 32, 1)
-        zooms = (6.0, 6.0, 20.0) if view == "sax" else (8.0, 8.0, 1.0)
-        for phase in ("ed", "es"):
-            img = nib.Nifti1Image(rng.random(shape).astype(np.float32), np.diag(list(zooms) + [1.0]))
-            img.header.set_zooms(zooms)
-            nib.save(img, root / "train" / "p1" / f"p1_{view}_{phase}.nii.gz")
-    cfg = smoke(**{"data.source": "cinema_layout", "data.root": str(root)})
+    for split, pids in splits:
+        (root / f"{split}_metadata.csv").parent.mkdir(parents=True, exist_ok=True)
+        (root / f"{split}_metadata.csv").write_text("pid,n_frames\n" + "".join(f"{p},{n_frames[0]}\n" for p in pids))
+        for pid in pids:
+            (root / split / pid).mkdir(parents=True)
+            for view, nt in zip(("sax", "lax_2c", "lax_3c", "lax_4c"), n_frames):
+                shape = (32, 32, 4) if view == "sax" else (32, 32, 1)
+                zooms = (6.0, 6.0, 20.0) if view == "sax" else (8.0, 8.0, 1.0)
+                cine = rng.integers(0, 256, shape + (nt,)).astype(np.uint8)
+                files = {"t": cine, "ed": cine[..., 0], "es": cine[..., nt // 2]}
+                for phase, arr in files.items():
+                    if float_scale is not None:
+                        arr = arr.astype(np.float32) / 255.0 * float_scale
+                    img = nib.Nifti1Image(arr, np.diag(list(zooms) + [1.0]))
+                    img.header.set_zooms(zooms + ((30.0,) if arr.ndim == 4 else ()))
+                    nib.save(img, root / split / pid / f"{pid}_{view}_{phase}.nii.gz")
+    return root
+
+
+def test_layout_source_for_pretraining(tmp_path):
+    root = _write_layout(tmp_path / "layout")
+    cfg = no_zoom(smoke(**{"data.source": "cinema_layout", "data.root": str(root)}))
     src = TASK.source(cfg, "train")
-    assert len(src) == 1
+    assert len(src) == 2 and len(TASK.source(cfg, "val")) == 1
     out = TASK.transform(src[0], np.random.default_rng(0), cfg, True)
     assert out["sax"].shape == (32, 32, 4, 1) and out["lax_2c"].shape == (32, 32, 1)
     assert out["sax"].min() == 0.0 and out["sax"].max() == 1.0
+    # cine files: a random frame t, the same for every view
+    cine_cfg = no_zoom(smoke(**{"data.source": "cinema_layout", "data.root": str(root), "data.cine": True}))
+    rec = TASK.source(cine_cfg, "train")[1]
+    assert "sax_ed" not in rec and rec["sax_t"].shape == (32, 32, 4, 6) and rec["lax_4c_t"].shape == (32, 32, 6)
+    t = int(np.random.default_rng(5).integers(6))
+    got = TASK.transform(rec, np.random.default_rng(5), cine_cfg, True)
+    for view in ("sax", "lax_4c"):
+        want = rec[f"{view}_t"][..., t]
+        want = (want - want.min()) / (want.max() - want.min())
+        np.testing.assert_allclose(got[view][..., 0], want, atol=1e-6)
+
+
+def test_pack_layout_gives_the_same_samples(tmp_path):
+    from cinema_jax.data import datasets as D
+
+    root = _write_layout(tmp_path / "layout")
+    assert D.pack_layout(root, tmp_path / "packed", with_labels=False) == {"train": 2, "val": 1}
+    assert (tmp_path / "packed" / "train.frames.array_record").is_file()
+    layout_cfg = smoke(**{"data.source": "cinema_layout", "data.root": str(root), "data.cine": True})
+    packed_cfg = smoke(**{"data.source": "arrayrecord", "data.path": str(tmp_path / "packed")})
+    layout, packed = TASK.source(layout_cfg, "train"), TASK.source(packed_cfg, "train")
+    rec = packed[1]
+    assert isinstance(rec["sax_t"], D.FrameStack) and "sax_ed" in rec and "sax_ed_gt" not in rec
+    for seed in range(3):  # zoom on: the same draws, the same arithmetic, uint8 data stored exactly
+        a = TASK.transform(layout[1], np.random.default_rng(seed), layout_cfg, True)
+        b = TASK.transform(rec, np.random.default_rng(seed), packed_cfg, True)
+        for view in a:
+            np.testing.assert_allclose(b[view], a[view], atol=1e-6, err_msg=view)
+    with pytest.raises(CinemaError, match="exists"):
+        D.pack_layout(root, tmp_path / "packed")
+
+
+def test_pack_layout_refuses_what_uint8_would_corrupt(tmp_path):
+    from cinema_jax.data import datasets as D
+
+    hot = _write_layout(tmp_path / "hot", splits=(("train", ("p1",)),), float_scale=300.0)
+    with pytest.raises(DataError, match=r"p1_sax_ed.nii.gz: intensities span \[0, 300\]"):
+        D.pack_layout(hot, tmp_path / "out", with_labels=False)
+    ragged = _write_layout(tmp_path / "ragged", splits=(("train", ("p1",)),), n_frames=(6, 6, 5, 6))
+    with pytest.raises(DataError, match="different frame counts"):
+        D.pack_layout(ragged, tmp_path / "out", edes=False)
+    with pytest.raises(DataError, match="not a CineMA layout"):
+        D.pack_layout(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_pretraining_runs_on_an_arrayrecord_dataset(tmp_path):
