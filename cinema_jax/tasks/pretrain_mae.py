@@ -107,8 +107,11 @@ class PretrainMAE(Task):
                 img = transforms.random_zoom(img, rng, prob=float(d.zoom_prob), zoom_range=tuple(d.zoom_range))
             img = transforms.minmax_scale(img)
             size = self.image_size(config, view)
-            img = transforms.pad_end(img, size) if view == "sax" else img
-            img = transforms.crop_or_pad(img, size, mode="end" if view == "sax" else "center")
+            if view == "sax":  # in-plane centred; slices zero-padded (or cut) at the end, as the reference
+                img = transforms.crop_or_pad(img, size[:2], mode="center")
+                img = transforms.crop_or_pad(img, size, mode="end")
+            else:
+                img = transforms.crop_or_pad(img, size, mode="center")
             out[view] = img[..., None].astype(np.float32)
         return out
 

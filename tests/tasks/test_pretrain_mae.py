@@ -90,6 +90,18 @@ def test_ed_es_records_and_spacing_resampled():
     assert phases == {64, 16}  # ED (8x8 after resampling) and ES (4x4) both drawn
 
 
+def test_sax_is_cropped_centred_in_plane_and_at_the_end_in_depth():
+    cfg = no_zoom(smoke(**{"data.source": "arrayrecord", "data.views": "('sax',)"}))
+    ed = np.zeros((40, 40, 6), np.float32)
+    ed[20, 20, :] = 1.0  # centre column
+    ed[0, 0, 5] = 0.5  # a corner of a slice past the 4 kept
+    rec = {"pid": "big", "sax_ed": ed, "sax_es": ed, "sax_spacing": np.asarray((6.0, 6.0, 20.0), np.float32)}
+    out = TASK.transform(rec, None, cfg, train=False)["sax"][..., 0]
+    assert out.shape == (32, 32, 4)
+    assert np.argwhere(out == 1.0).tolist() == [[16, 16, z] for z in range(4)]
+    assert (out == 0.5).sum() == 0
+
+
 def test_bad_records_and_config_get_clear_errors():
     cfg = smoke(**{"data.source": "arrayrecord"})
     rng = np.random.default_rng(0)
