@@ -551,6 +551,7 @@ def run_record_data(config) -> dict[str, Any]:
         tc.data.source = "arrayrecord"
         for i in range(n_rec):  # first touch of each record (page faults of the fresh file) outside the timing
             src[i]
+
         def read_decode(i: int):
             rec = src[i % n_rec]
             return [datasets.frame_of(rec[k], i % pcfg.n_frames) for k in keys]
