@@ -37,5 +37,9 @@ def test_script_parses_and_its_config_keys_exist():
     assert {"total_steps=1", "batch_size=1"} <= set(train_keys)
     _check("bench.py:mae_base", bench_keys)
     _check("mae_pretrain.py:base", train_keys)
+    data = re.search(r"GPU_CHECK_DATA:-([\w,]+)", text).group(1).split(",")
+    assert data == ["record_data", "synth_data"]
+    for name in data + ["record_tiny", "synth_tiny"]:  # the default host-side benches and the dry-run ones exist
+        assert load_base(f"{ROOT / 'configs' / 'bench.py'}:{name}").mode in ("record_data", "synth_data")
     with pytest.raises(AssertionError, match="unknown config key"):  # the check itself can fail
         _check("mae_pretrain.py:base", ["no_such_key=1"])

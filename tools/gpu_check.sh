@@ -3,7 +3,9 @@
 #
 #   bash tools/gpu_check.sh            # writes $OUT/bench.jsonl, train.log, train_metrics.jsonl, env.txt
 #   PYTHON=.venv/bin/python GPU_CHECK_BENCH=mae_tiny GPU_CHECK_TRAIN=mae_pretrain.py:smoke GPU_CHECK_BATCH=2 \
-#     GPU_CHECK_PRECISION=float32 GPU_CHECK_ATTENTION=xla bash tools/gpu_check.sh     # dry run of the script itself on CPU
+#     GPU_CHECK_PRECISION=float32 GPU_CHECK_ATTENTION=xla GPU_CHECK_DATA=record_tiny,synth_tiny \
+#     GPU_CHECK_BUDGET_S=1200 bash tools/gpu_check.sh     # dry run of the script itself on CPU (each bench's 8192^2
+#                                                         # matmul peak takes ~3 min on 2 cores)
 #
 # The device image has jax/jaxlib + the CUDA plugin but not grain / ml_collections / our pinned flax etc.: put those
 # pure-Python-or-small wheels in .whl/ beforehand (command in notes/perf.md, "GPU check") and carry `.whl`.
@@ -13,6 +15,8 @@
 #   3    the same with the explicit attention (head-major einsums)
 #   4    a 40-step real training run of mae_pretrain.py:base: steps_per_s and data_wait_frac (input stalls) per 10
 #        steps, from its metrics.jsonl (copied to $OUT/train_metrics.jsonl)
+#   5    the host side: record_data (pre-rendered ArrayRecord frame records) and synth_data samples/s per worker on
+#        the device machine's CPUs (GPU_CHECK_DATA=record_tiny,synth_tiny for the dry run)
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -65,3 +69,10 @@ if [ "$(left)" -ge 120 ]; then
 else
   echo "train skipped: deadline"
 fi
+
+for data_bench in $(echo "${GPU_CHECK_DATA:-record_data,synth_data}" | tr ',' ' '); do
+  if [ "$(left)" -lt 60 ]; then echo "{\"skipped\": \"$data_bench\", \"reason\": \"deadline\"}" | tee -a "$OUT/bench.jsonl"; continue; fi
+  echo "== $data_bench ($(left) s left)"
+  timeout "$(left)" "$py" -m cinema_jax.bench --config=configs/bench.py:"$data_bench" 2>"$OUT/$data_bench.err" \
+    | tail -n 1 | tee -a "$OUT/bench.jsonl"
+done
