@@ -311,6 +311,22 @@ def test_cine_stored_per_frame_decodes_one_frame(tmp_path, monkeypatch, frame_re
         D.encode_record({"v": np.zeros(3)}, frames=("v",))
 
 
+def test_frame_records_across_several_files(tmp_path):
+    rng = np.random.default_rng(2)
+    cines = [rng.random((4, 3, 2 + i)).astype(np.float32) for i in range(5)]  # different lengths per subject
+    D.write_arrayrecord(tmp_path / "a.array_record", [{"pid": f"s{i}", "v_t": cines[i]} for i in range(2)],
+                        quantize=("v_t",), frames=("v_t",), frame_records=True)
+    D.write_arrayrecord(tmp_path / "b.array_record", [{"pid": f"s{i}", "v_t": cines[i]} for i in range(2, 5)],
+                        quantize=("v_t",), frames=("v_t",), frame_records=True)
+    src = D.ArrayRecordSource([tmp_path / "a.array_record", tmp_path / "b.array_record"])
+    assert len(src) == 5 and len(D.ArrayRecordSource(tmp_path)) == 5
+    for i in (4, 1, 3, 0, 2, -1):
+        rec = src[i]
+        assert rec["pid"] == f"s{i % 5}" and rec["v_t"].shape == cines[i].shape
+        t = cines[i].shape[-1] - 1
+        np.testing.assert_allclose(D.frame_of(rec["v_t"], t), cines[i][..., t], atol=0.5 / 255)
+
+
 def test_make_source_dispatch(tmp_path):
     D.write_arrayrecord(tmp_path / "train.array_record", _records(3))
     src = D.make_source({"source": "arrayrecord", "path": str(tmp_path)}, "train")
