@@ -16,8 +16,10 @@ masks.
                  `data.cine=True` a random frame of `<pid>_<view>_t.nii.gz` (the whole 4-D file is read per
                  sample: `cinema-jax data pack` the layout to ArrayRecord for speed).
 Images whose '<view>_spacing' differs from `data.sax_spacing` / `data.lax_spacing` are resampled (linear) to it;
-then cropped / padded to the configured size (SAX: centre in-plane, end in depth; LAX: centre). Set `total_steps`
-(or `data.n_subjects.train` to the dataset's size) so the schedule matches a record dataset.
+then cropped / padded to the configured size (SAX: centre in-plane, end in depth; LAX: centre). The config derives
+`total_steps` and `optim.warmup_steps` from epochs x `data.n_subjects.train` (the phantom's subject count); on a
+record dataset of another size set them (`configure` prints the values that keep the epochs when they are left at
+the derived ones).
 
 Sample layout (no batch dim): '<view>' float32 (X, Y, Z, 1) for sax, (X, Y, 1) for lax_*.
 """
@@ -57,6 +59,27 @@ class PretrainMAE(Task):
 
     def image_size(self, config, view: str) -> tuple[int, ...]:
         return _tuple(config.data.sax_size) if view == "sax" else _tuple(config.data.lax_size)
+
+    def configure(self, config):
+        """On a record dataset whose size differs from `data.n_subjects.train`, say which schedule keeps the epochs
+        (the config derived `total_steps` from the phantom's subject count before the dataset was known)."""
+        import sys
+
+        if str(config.data.get("source", "synthetic")) == "synthetic" or "epochs" not in config:
+            return self
+        batch = int(config.batch_size)
+        per_epoch = max(int(config.data.n_subjects.train) // batch, 1)
+        if int(config.total_steps) != int(config.epochs) * per_epoch:
+            return self  # total_steps was set explicitly
+        n = len(self.source(config, "train"))
+        if n == int(config.data.n_subjects.train):
+            return self
+        steps = max(n // batch, 1)
+        print(f"note: pretraining on {n} training records, but total_steps={int(config.total_steps)} was derived "
+              f"from data.n_subjects.train={int(config.data.n_subjects.train)}; for {int(config.epochs)} epochs of "
+              f"this dataset pass --config.total_steps={int(config.epochs) * steps} "
+              f"--config.optim.warmup_steps={int(config.get('warmup_epochs', 0)) * steps}", file=sys.stderr)
+        return self
 
     def make_model(self, config):
         from cinema_jax.models import build_mae

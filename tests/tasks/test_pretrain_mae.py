@@ -148,6 +148,17 @@ def _write_layout(root, splits=(("train", ("p1", "p2")), ("val", ("p3",))), n_fr
     return root
 
 
+def test_configure_names_the_schedule_of_a_record_dataset(tmp_path, capsys):
+    root = _write_layout(tmp_path / "layout")
+    cfg = smoke(**{"data.source": "cinema_layout", "data.root": str(root)})  # 2 train subjects, batch 8, 8 epochs
+    TASK.configure(cfg)
+    err = capsys.readouterr().err
+    assert "pretraining on 2 training records" in err and "--config.total_steps=8 --config.optim.warmup_steps=1" in err
+    TASK.configure(smoke(**{"data.source": "cinema_layout", "data.root": str(root), "total_steps": 5}))
+    TASK.configure(smoke())
+    assert capsys.readouterr().err == ""  # set explicitly / the phantom: nothing to say
+
+
 def test_layout_source_for_pretraining(tmp_path):
     root = _write_layout(tmp_path / "layout")
     cfg = no_zoom(smoke(**{"data.source": "cinema_layout", "data.root": str(root)}))
