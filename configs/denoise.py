@@ -1,4 +1,5 @@
-"""SNRAware denoising: `smoke` (CI-sized), `paper` (reference settings); ablation switches and a sweep.
+"""SNRAware denoising: `smoke` (CI-sized), `paper` (reference settings on the phantom), `h5` (the reference recipe on
+its HDF5 training files, `--config.data.path=...`); ablation switches and a sweep.
 
 Ablations (issue 5): `noise.gmap_augment=False` (g = 1 everywhere, the model never sees a g-map) and
 `noise.snr_unit=False` (no SNR-unit scaling: each sample is normalised by its 99th-percentile magnitude instead).
@@ -30,7 +31,8 @@ def _base() -> ml_collections.ConfigDict:
                                              window=(8, 8), patch=(4, 4), mixer_ratio=4.0, drop_path=0.1,
                                              image_size=()))  # () = the size's build/tile size (small: 64x64)
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",
+        source="synthetic",  # synthetic (phantom) | h5 (the reference's HDF5 cases, data.path; variant `h5`)
+        path="",
         worker_count=0,
         views=("lax_2c", "lax_3c", "lax_4c", "sax"),  # sax: the middle `sax_slices` slices are used
         sax_slices=3,
@@ -65,8 +67,17 @@ def get_config(arg: str = "smoke") -> ml_collections.ConfigDict:
         c.precision = "bfloat16"
         c.optim.lr = 1e-5
         return c
+    if arg == "h5":  # the reference recipe on its HDF5 training files: --config.data.path=DIR_OR_PATTERN
+        c.batch_size = 1 * 8
+        c.precision = "bfloat16"
+        c.optim.lr = 1e-5
+        c.data.source = "h5"
+        c.data.worker_count = 8
+        c.noise.snr_range = ()  # sigma ~ U[min_noise_level, max_noise_level) in the clean image's SNR units
+        c.noise.clean_noise_std = 1.0  # real images already carry unit noise
+        return c
     if arg != "smoke":
-        raise ValueError(f"unknown variant {arg!r}; use smoke or paper")
+        raise ValueError(f"unknown variant {arg!r}; use smoke, paper or h5")
     c.total_steps = 150
     c.batch_size = 4
     c.log_every = 10

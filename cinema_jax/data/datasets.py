@@ -1101,6 +1101,110 @@ def pack_layout(root: str | os.PathLike, out_dir: str | os.PathLike, views: Sequ
     return counts
 
 
+# ============================================================================================ SNRAware HDF5 cases
+def _h5_cases(f) -> list[str]:
+    """Paths of the groups (of an open h5py File) that hold a dataset named 'image'; '' for the root."""
+    import h5py
+
+    found = []
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and name.rsplit("/", 1)[-1] == "image":
+            found.append(name.rsplit("/", 1)[0] if "/" in name else "")
+
+    f.visititems(visit)
+    return sorted(found)
+
+
+class H5CaseSource(_GrainSource):
+    """Grain source over the SNRAware reference's training files: HDF5 with `/<group>/<case>/{image, gmap}`.
+
+    Each item: 'image' complex64 (x, y, t) (a real array is taken as magnitude, imaginary part 0; (x, y) as one
+    frame), 'gmaps' float32 (x, y, 1 or t, N) when the case has a 'gmap' ((x, y) is one map), 'case' (the group
+    path) and 'file'. Any group holding a dataset named 'image' is a case. Files are opened per read, so the source
+    pickles into Grain workers as paths and an index.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        import h5py
+
+        self.paths = tuple(str(p) for p in paths)
+        if not self.paths:
+            raise DataError("H5CaseSource: no files given")
+        cases = []
+        for path in self.paths:
+            if not Path(path).is_file():
+                raise DataError(f"{path}: HDF5 file not found")
+            try:
+                with h5py.File(path, "r") as f:
+                    cases += [(path, c) for c in _h5_cases(f)]
+            except Exception as err:
+                raise DataError(f"{path}: cannot read HDF5 ({type(err).__name__}: {err})") from None
+        if not cases:
+            raise DataError(f"{', '.join(self.paths)}: no case groups holding an 'image' dataset")
+        self._cases = cases
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def __repr__(self) -> str:
+        return f"H5CaseSource(paths={list(self.paths)!r}, n={len(self)})"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import h5py
+
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} cases")
+        path, case = self._cases[index]
+        where = f"{path}:/{case}"
+        try:
+            with h5py.File(path, "r") as f:
+                group = f[case] if case else f
+                image = np.asarray(group["image"])
+                gmap = np.asarray(group["gmap"]) if "gmap" in group else None
+        except Exception as err:
+            raise DataError(f"{where}: cannot read ({type(err).__name__}: {err})") from None
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.dtype.kind not in "fciu":
+            raise DataError(f"{where}: 'image' must be a numeric (x, y, t) or (x, y) array, got {image.dtype} "
+                            f"{image.shape}")
+        image = image.astype(np.complex64)
+        if not np.isfinite(image).all():
+            raise DataError(f"{where}: 'image' holds NaN or infinite values")
+        out: dict[str, Any] = {"image": image, "case": case, "file": path}
+        if gmap is not None:
+            if gmap.ndim == 2:
+                gmap = gmap[:, :, None, None]
+            if gmap.ndim != 4 or gmap.shape[:2] != image.shape[:2] or gmap.shape[2] not in (1, image.shape[2]):
+                raise DataError(f"{where}: 'gmap' must be (x, y) or (x, y, 1 or t, N) matching the image "
+                                f"{image.shape}, got {gmap.shape}")
+            gmap = gmap.astype(np.float32)
+            if not np.isfinite(gmap).all() or (gmap <= 0).any():
+                raise DataError(f"{where}: 'gmap' must be finite and positive (g-factors are >= 1)")
+            out["gmaps"] = gmap
+        return out
+
+
+def h5_source(data_config, split: str) -> H5CaseSource:
+    """data.path: a pattern with '{split}' (a file or a directory of *.h5), or a directory holding `<split>.h5` or
+    `<split>/*.h5`."""
+    path = Path(str(_required(data_config, "path", "h5")).format(split=split))
+    if path.is_dir() and "{split}" not in str(_get(data_config, "path")):
+        if (path / f"{split}.h5").is_file():
+            return H5CaseSource([path / f"{split}.h5"])
+        path = path / split
+    if path.is_dir():
+        files = sorted(list(path.glob("*.h5")) + list(path.glob("*.hdf5")))
+        if not files:
+            raise DataError(f"{path}: no *.h5 files")
+        return H5CaseSource(files)
+    if not path.is_file():
+        raise DataError(f"{path}: HDF5 file or directory for split {split!r} not found")
+    return H5CaseSource([path])
+
+
 # ======================================================================================== synthetic -> ArrayRecord
 def synthetic_record(seed: int, index: int, cfg=None, views: Sequence[str] | None = None,
                      cine: bool = False) -> dict[str, Any]:
@@ -1263,7 +1367,7 @@ def synthetic_source(data_config, split: str) -> SyntheticIndexSource:
 
 
 SOURCES = {"cinema_layout": cinema_layout_source, "arrayrecord": arrayrecord_source,
-           "sunnybrook": sunnybrook_source, "synthetic": synthetic_source}
+           "sunnybrook": sunnybrook_source, "synthetic": synthetic_source, "h5": h5_source}
 
 
 def make_source(data_config, split: str):

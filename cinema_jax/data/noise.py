@@ -243,7 +243,7 @@ def sense_gmap(coils: np.ndarray, accel: int, regularization: float = 1e-3, gmax
     return np.clip(g, 1.0, gmax).astype(np.float32)
 
 
-def _resize_map(g: np.ndarray, nx: int, ny: int) -> np.ndarray:
+def resize_map(g: np.ndarray, nx: int, ny: int) -> np.ndarray:
     """Separable linear resize of a smooth (X', Y') map to (nx, ny), pixel centres aligned."""
     g = np.asarray(g, np.float64)
 
@@ -274,7 +274,7 @@ def sample_gmap(rng: np.random.Generator, nx: int, ny: int, cfg: Mapping,
         i = int(rng.integers(0, len(bank) + 1))
         if i == len(bank):  # the reference keeps a 1-in-(N+1) chance of no acceleration
             return np.ones((nx, ny), np.float32), dict(accel=1, n_coils=0, source="bank")
-        g = _resize_map(np.asarray(bank[i], np.float32), nx, ny)
+        g = resize_map(np.asarray(bank[i], np.float32), nx, ny)
         return np.maximum(g, 1.0).astype(np.float32), dict(accel=-1, n_coils=0, source="bank")
     accel = int(_pick(rng, cfg["acceleration"]))
     lo, hi = cfg["n_coils"]
@@ -287,7 +287,7 @@ def sample_gmap(rng: np.random.Generator, nx: int, ny: int, cfg: Mapping,
     else:
         g = sense_gmap(coils, accel, cfg["sense_regularization"], cfg["gmap_max"])
     if g.shape != (nx, ny):
-        g = np.maximum(_resize_map(g, nx, ny), 1.0)
+        g = np.maximum(resize_map(g, nx, ny), 1.0)
     return np.ascontiguousarray(g, np.float32), dict(accel=accel, n_coils=n_coils, source="coils")
 
 

@@ -1,7 +1,11 @@
-"""SNRAware denoising task: synthetic complex cine -> SNR-unit noisy input + g-map -> denoised complex image.
+"""SNRAware denoising task: clean complex cine -> SNR-unit noisy input + g-map -> denoised complex image.
 
-Records are light (phantom seed, subject index, view, slice); `transform` renders the clean complex 2D+T slice
-(cached per process), synthesises the noise (`cinema_jax.data.noise`) and crops. Sample layout (no batch dim):
+`data.source`: 'synthetic' (default): light records (phantom seed, subject index, view, slice), the clean complex
+2D+T slice rendered in the worker (cached per process); 'h5': the reference's training files (`data.path`; HDF5
+`/<group>/<case>/{image, gmap}`, `datasets.H5CaseSource`), clean images in SNR units with their own g-maps, one of
+which (or, 1 time in N + 1, none) is the noise field of a sample, flipped and resized with the image; use the `h5`
+config variant (noise level drawn as in the reference, clean noise std 1). `transform` synthesises the noise
+(`cinema_jax.data.noise`) and crops. Sample layout (no batch dim):
 'image' (X, Y, T, 3) float32 = real, imag, g-map (model input, model units); 'target' (X, Y, T, 2) float32 clean
 real/imag in model units; 'clean', 'noisy' (X, Y, T, 2) in SNR units; 'scale' () float32: model units -> SNR units.
 With `noise.snr_unit` (default) model units are SNR units and scale = 1; the ablation divides each sample by its
@@ -159,21 +163,39 @@ class DenoiseTask(_TaskBase):
     def source(self, config, split: str):
         import grain
 
-        if split not in ("train", "val", "test"):
-            from cinema_jax.errors import ConfigError
+        from cinema_jax.errors import ConfigError
 
+        if split not in ("train", "val", "test"):
             raise ConfigError(f"unknown split {split!r}; use train, val or test")
+        name = str(config.data.get("source", "synthetic"))
+        if name == "h5":
+            from cinema_jax.data import datasets
+
+            return grain.MapDataset.source(datasets.h5_source(config.data, split))
+        if name != "synthetic":
+            raise ConfigError(f"data.source={name!r} is unknown for denoising; choose from synthetic, h5")
         return grain.MapDataset.source(self.records(config, split))
 
     def transform(self, record, rng: np.random.Generator, config, train: bool) -> dict[str, np.ndarray]:
         d = config.data
-        clean = render_slice(int(record["seed"]), int(record["index"]), str(record["view"]), int(record["slice"]),
-                             tuple(int(v) for v in d.image_size), int(d.n_frames))
+        if "image" in record:  # a real case (data.source h5): its own g-maps, (X, Y, 1 or T, N)
+            clean, gmaps = np.asarray(record["image"], np.complex64), record.get("gmaps")
+        else:
+            clean = render_slice(int(record["seed"]), int(record["index"]), str(record["view"]),
+                                 int(record["slice"]), tuple(int(v) for v in d.image_size), int(d.n_frames))
+            gmaps = None
+        ncfg = noise_config(config, train)
         if train and d.flip:
             if rng.random() < 0.5:
                 clean = clean[::-1]
+                gmaps = None if gmaps is None else gmaps[::-1]
             if rng.random() < 0.5:
                 clean = clean[:, ::-1]
+                gmaps = None if gmaps is None else gmaps[:, ::-1]
+        g = None
+        if gmaps is not None and ncfg["gmap_augment"]:  # one of the case's N maps, or (1 in N + 1) none: R = 1
+            k = int(rng.integers(0, gmaps.shape[-1] + 1)) if train else 0
+            g = gmaps[..., k] if k < gmaps.shape[-1] else np.ones(gmaps.shape[:3], np.float32)
         crop = tuple(int(v) for v in (d.crop if train else d.eval_crop))
         prob = float(d.get("matrix_size_prob", 0.0))
         if train and prob > 0 and rng.random() < prob:  # no draw at prob 0: earlier runs' streams are unchanged
@@ -181,9 +203,20 @@ class DenoiseTask(_TaskBase):
                     if round(r * clean.shape[0]) >= crop[0] and round(r * clean.shape[1]) >= crop[1]]
             if fits:
                 clean = noise_lib.adjust_matrix_size(clean, float(fits[int(rng.integers(len(fits)))]))
+                if g is not None:  # the g-map follows linearly (the reference resizes its maps bilinearly)
+                    g = np.stack([noise_lib.resize_map(g[..., t], *clean.shape[:2]) for t in range(g.shape[2])], -1)
         if clean.shape[2] < crop[2]:  # short series: repeat frames cyclically
-            clean = np.concatenate([clean] * math.ceil(crop[2] / clean.shape[2]), axis=2)
-        out = noise_lib.synthesize(np.ascontiguousarray(clean), rng, noise_config(config, train))
+            reps = math.ceil(crop[2] / clean.shape[2])
+            clean = np.concatenate([clean] * reps, axis=2)
+            g = np.concatenate([g] * reps, axis=2) if g is not None and g.shape[2] > 1 else g
+        pad = [(0, max(c - n, 0)) for n, c in zip(clean.shape[:2], crop[:2])] + [(0, 0)]
+        if any(p[1] for p in pad):  # smaller than the cut-out in-plane: mirror-pad, as the reference
+            clean = np.pad(clean, pad, mode="symmetric")
+            g = None if g is None else np.pad(g, pad, mode="symmetric")
+        if g is not None:  # given map: skip drawing one (gmap_augment off here only stops the draw)
+            g = np.broadcast_to(g, clean.shape).astype(np.float32)
+            ncfg = dict(ncfg, gmap_augment=False)
+        out = noise_lib.synthesize(np.ascontiguousarray(clean), rng, ncfg, gmap=g)
         sx, sy, st = _crop_starts(out["noisy"].shape, crop, rng if train else None)
         sl = (slice(sx, sx + crop[0]), slice(sy, sy + crop[1]), slice(st, st + crop[2]))
         noisy, cl, g = out["noisy"][sl], out["clean"][sl], out["gmap"][sl]

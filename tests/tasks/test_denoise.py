@@ -84,3 +84,142 @@ def test_evaluate_reports_noisy_baseline():
     m = TASK.evaluate(model, params, batches, c)
     assert {"psnr", "ssim", "psnr_noisy", "ssim_noisy", "psnr_gain"} <= set(m)
     assert 0 < m["psnr_noisy"] < 40
+
+
+# ================================================================================== real cases (data.source h5)
+def _write_h5(path, n_cases=3, shape=(40, 36, 6), n_gmaps=2, gmap_t=1, image_dtype=np.complex64):
+    """Reference-style HDF5: /<group>/<case>/{image, gmap}; g-map n of every case is constant 1.5 + n."""
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        for i in range(n_cases):
+            img = rng.standard_normal(shape) + 1j * rng.standard_normal(shape) + 20.0
+            g = f.create_group(f"scanner{i % 2}/case{i}")
+            g["image"] = img.astype(image_dtype) if image_dtype != np.float32 else np.abs(img).astype(np.float32)
+            if n_gmaps:
+                maps = np.ones(shape[:2] + (gmap_t, n_gmaps), np.float32) * (1.5 + np.arange(n_gmaps))
+                g["gmap"] = maps
+    return path
+
+
+def h5_config(path, **over):
+    c = get_config("h5")
+    c.data.path = str(path)
+    c.data.crop, c.data.eval_crop = (32, 32, 8), (32, 32, 8)
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def test_h5_cases_use_their_own_gmaps(tmp_path):
+    from cinema_jax.data.datasets import H5CaseSource
+
+    (tmp_path / "train").mkdir()
+    _write_h5(tmp_path / "train" / "a.h5")
+    _write_h5(tmp_path / "val.h5", n_cases=1)
+    c = h5_config(tmp_path)
+    src = TASK.source(c, "train")
+    assert len(src) == 3 and len(TASK.source(c, "val")) == 1
+    assert [src[i]["case"] for i in range(3)] == ["scanner0/case0", "scanner0/case2", "scanner1/case1"]  # sorted
+    rec = src[1]
+    assert rec["image"].dtype == np.complex64 and rec["gmaps"].shape == (40, 36, 1, 2)
+    seen = set()
+    for seed in range(24):
+        s = TASK.transform(rec, np.random.default_rng(seed), c, True)
+        assert s["image"].shape == (32, 32, 8, 3)  # 6 frames repeated to the 8-frame cut-out
+        g = s["image"][..., 2]
+        assert np.ptp(g) == 0  # the case's constant maps, not a drawn coil g-map
+        seen.add(round(float(g.flat[0]), 3))
+    assert seen == {1.0, 1.5, 2.5}  # map 0, map 1, or none (R = 1)
+    ev = TASK.transform(rec, np.random.default_rng(0), c, False)
+    assert np.all(ev["image"][..., 2] == 1.5)  # eval: the first map
+    # SNR units with clean noise std 1: the added noise has std g * sigma / sqrt(sigma^2 + 1) per part
+    assert c.noise.clean_noise_std == 1.0 and tuple(c.noise.snr_range) == ()
+    assert repr(H5CaseSource([tmp_path / "val.h5"])).startswith("H5CaseSource(paths=")
+
+
+def test_h5_small_images_magnitude_and_matrix_size(tmp_path):
+    _write_h5(tmp_path / "train.h5", n_cases=1, shape=(24, 20, 4), n_gmaps=1, gmap_t=4, image_dtype=np.float32)
+    c = h5_config(tmp_path, **{"data.matrix_size_prob": 0.0})
+    rec = TASK.source(c, "train")[0]
+    assert np.all(rec["image"].imag == 0)  # magnitude data: imaginary part 0
+    padded = TASK.transform(rec, np.random.default_rng(1), c, True)  # 24x20 mirror-padded to the 32x32 cut-out
+    c = h5_config(tmp_path, **{"data.matrix_size_prob": 1.0, "data.matrix_size_ratios": (1.5, 2.0)})
+    resized = TASK.transform(rec, np.random.default_rng(1), c, True)  # only 2.0 (48x40) fits the cut-out
+    for s in (padded, resized):
+        assert s["image"].shape == (32, 32, 8, 3) and np.all(np.isfinite(s["image"]))
+        assert set(np.unique(np.round(s["image"][..., 2], 4))) <= {1.0, 1.5}
+
+
+def test_h5_gmap_is_flipped_with_the_image(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    ramp = np.broadcast_to(1.0 + np.arange(32, dtype=np.float32)[:, None, None, None] / 8, (32, 32, 1, 1))
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f["c/image"] = np.full((32, 32, 8), 10 + 0j, np.complex64)
+        f["c/gmap"] = np.ascontiguousarray(ramp)
+    c = h5_config(tmp_path, **{"data.matrix_size_prob": 0.0, "data.frame_shuffle_prob": 0.0})
+    rec = TASK.source(c, "train")[0]
+    directions = set()
+    for seed in range(16):
+        draws = np.random.default_rng(seed)
+        flip_x = draws.random() < 0.5
+        draws.random()
+        if int(draws.integers(0, 2)) == 1:
+            continue  # the R = 1 draw: no map to flip
+        g = TASK.transform(rec, np.random.default_rng(seed), c, True)["image"][:, 0, 0, 2]
+        assert (np.diff(g) < 0).all() if flip_x else (np.diff(g) > 0).all()
+        directions.add(flip_x)
+    assert directions == {True, False}
+
+
+def test_h5_bad_input_gets_clear_errors(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    from cinema_jax.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match="not found"):
+        TASK.source(h5_config(tmp_path), "train")
+    with h5py.File(tmp_path / "train.h5", "w") as f:
+        f["c1/image"] = np.ones((8, 8, 2), np.complex64)
+        f["c1/gmap"] = np.ones((8, 9, 1, 1), np.float32)
+        f["c2/image"] = np.full((8, 8, 2), np.nan, np.float32)
+        f["c3/image"] = np.ones((8, 8, 2), np.complex64)
+        f["c3/gmap"] = np.zeros((8, 8, 1, 1), np.float32)
+        f["c4/image"] = np.ones((8, 8, 2, 2), np.complex64)
+    src = TASK.source(h5_config(tmp_path), "train")
+    with pytest.raises(DataError, match="c1: 'gmap' must be"):
+        src[0]
+    with pytest.raises(DataError, match="c2: 'image' holds NaN"):
+        src[1]
+    with pytest.raises(DataError, match="c3: 'gmap' must be finite and positive"):
+        src[2]
+    with pytest.raises(DataError, match=r"c4: 'image' must be a numeric \(x, y, t\)"):
+        src[3]
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(DataError, match="cannot read HDF5"):
+        TASK.source(h5_config(tmp_path / "junk.h5"), "train")
+    c = get_config("smoke")
+    c.data.source = "nifti"
+    with pytest.raises(ConfigError, match="unknown for denoising"):
+        TASK.source(c, "train")
+
+
+def test_h5_denoiser_trains_end_to_end(tmp_path):
+    from cinema_jax.train.logging import read_metrics
+    from cinema_jax.train.loop import train
+
+    _write_h5(tmp_path / "train.h5", n_cases=4, shape=(32, 32, 8))
+    _write_h5(tmp_path / "val.h5", n_cases=1, shape=(32, 32, 8))
+    c = h5_config(tmp_path)
+    smoke = get_config("smoke")
+    c.model, c.precision, c.batch_size, c.data.worker_count = smoke.model, "float32", 8, 0
+    c.total_steps, c.log_every, c.eval_every, c.image_every, c.checkpoint_every = 2, 1, 2, 0, 0
+    c.optim.warmup_steps = 1
+    train(c, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert any("eval/psnr" in r for r in rows)
