@@ -1331,9 +1331,11 @@ def _required(cfg, key: str, source: str):
 
 
 def cinema_layout_source(data_config, split: str) -> CinemaLayoutSource:
-    """data.root (processed dataset dir), data.views (default ('sax',)), data.with_labels (default True)."""
+    """data.root (processed dataset dir), data.views (default ('sax',)), data.with_labels (default True),
+    data.cine / data.edes (defaults False / True: see `CinemaLayoutSource`)."""
     return CinemaLayoutSource(_required(data_config, "root", "cinema_layout"), split,
-                              tuple(_get(data_config, "views", ("sax",))), bool(_get(data_config, "with_labels", True)))
+                              tuple(_get(data_config, "views", ("sax",))), bool(_get(data_config, "with_labels", True)),
+                              cine=bool(_get(data_config, "cine", False)), edes=bool(_get(data_config, "edes", True)))
 
 
 def arrayrecord_source(data_config, split: str) -> ArrayRecordSource:

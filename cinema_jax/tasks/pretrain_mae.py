@@ -101,12 +101,10 @@ class PretrainMAE(Task):
 
             if name == "arrayrecord":
                 return grain.MapDataset.source(datasets.arrayrecord_source(config.data, split))
-            cine = bool(config.data.get("cine", False))
-            root = str(config.data.get("root", "") or "")
-            if not root:
-                raise ConfigError("data.root is required for data.source='cinema_layout'")
-            return grain.MapDataset.source(datasets.CinemaLayoutSource(root, split, self.views(config),
-                                                                       with_labels=False, cine=cine, edes=not cine))
+            cine = bool(config.data.get("cine", False))  # pretraining reads the cine files or ED/ES, not both
+            layout = {"root": config.data.get("root", ""), "views": self.views(config), "with_labels": False,
+                      "cine": cine, "edes": not cine}
+            return grain.MapDataset.source(datasets.cinema_layout_source(layout, split))
         if name != "synthetic":
             raise ConfigError(f"data.source={name!r} is unknown for pretraining; choose from synthetic, "
                               "arrayrecord, cinema_layout")
