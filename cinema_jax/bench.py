@@ -44,6 +44,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -564,6 +565,10 @@ def run_record_data(config) -> dict[str, Any]:
 
 
 def run_noise_pipeline(config) -> dict[str, Any]:
+    """Denoiser training samples per host worker, with the noise made on the accelerator from the host's plan
+    (`noise.on_device`, the paper config's default) and, for comparison, all on the host."""
+    import copy
+
     import numpy as np
 
     from cinema_jax.data import noise as noise_lib
@@ -573,18 +578,43 @@ def run_noise_pipeline(config) -> dict[str, Any]:
     tc = config.train
     d = tc.data
     views = tuple(d.views)
+    h5 = str(d.get("source", "synthetic")) == "h5"
+    if h5:  # the reference's HDF5 layout, read back by the task's own source on every sample
+        tmp = tempfile.TemporaryDirectory()
+        _write_h5_cases(Path(tmp.name) / "train.h5", int(config.data.h5_cases), tuple(config.data.h5_case_shape))
+        tc.data.path = tmp.name
+        source = task.source(tc, "train")
 
-    def record(i: int) -> dict:  # a new subject every sample: the per-process render cache never hits
-        view = views[i % len(views)]
-        return {"seed": 12345, "index": 1000 + i, "view": view, "slice": 5 if view == "sax" else 0}
+        def record(i: int) -> dict:
+            return source[i % len(source)]
+    else:
+        def record(i: int) -> dict:  # a new subject every sample: the per-process render cache never hits
+            view = views[i % len(views)]
+            return {"seed": 12345, "index": 1000 + i, "view": view, "slice": 5 if view == "sax" else 0}
 
+    on_device = dn.on_device(tc)
+    what = ("read an HDF5 case + one of its g-maps" if h5 else "phantom render of a complex 2D+T slice + g-map")
     out = {"name": config.name, "mode": "noise_pipeline", "device": _host_device(), "batch_size": 1,
-           "sample": "denoise transform: phantom render of a complex 2D+T slice + g-map + coloured noise in SNR "
-                     "units + crop", "image_size": list(d.image_size), "n_frames": int(d.n_frames),
-           "crop": list(d.crop)}
+           "sample": f"denoise transform: {what} + "
+                     + ("noise plan (level, filters, per-axis window factors; the noise is drawn in the step)"
+                        if on_device else "coloured noise in SNR units") + " + crop",
+           "noise_on_device": on_device, "crop": list(d.crop)}
+    if h5:
+        out.update(source="h5", case_shape=list(config.data.h5_case_shape), cases=int(config.data.h5_cases))
+    else:
+        out.update(source="synthetic", image_size=list(d.image_size), n_frames=int(d.n_frames))
     out.update(_task_rates(config, task, record))
-    # the noise synthesis + crop alone on an already rendered series (cache hit / real data already in memory)
-    clean = dn.render_slice(12345, 0, views[0], 0, tuple(int(v) for v in d.image_size), int(d.n_frames))
+    flipped = copy.deepcopy(config)
+    flipped.train.noise.on_device = not on_device
+    other = _task_rates(flipped, task, lambda i: record(i + 100_000))  # other subjects: no cache hits
+    out["other_path"] = {"noise_on_device": not on_device,
+                         **{k: other[k] for k in ("samples_per_s_per_worker", "grain_samples_per_s_per_worker")}}
+    # the noise alone (plan or synthesis) + crop on an already rendered series (cache hit / real data in memory)
+    if h5:
+        clean = np.asarray(record(0)["image"], np.complex64)
+        tmp.cleanup()
+    else:
+        clean = dn.render_slice(12345, 0, views[0], 0, tuple(int(v) for v in d.image_size), int(d.n_frames))
     crop = tuple(int(v) for v in d.crop)
     if clean.shape[2] < crop[2]:
         clean = np.concatenate([clean] * math.ceil(crop[2] / clean.shape[2]), axis=2)
@@ -594,9 +624,30 @@ def run_noise_pipeline(config) -> dict[str, Any]:
         o = noise_lib.synthesize(clean, np.random.default_rng(i), ncfg)
         return o["noisy"][: crop[0], : crop[1], : crop[2]]
 
-    out["noise_only_samples_per_s_per_worker"], _ = _rate(noise_only, max(int(config.data.n_samples), 4), 1)
+    def plan_only(i: int):
+        return dn._noise_plan_sample(clean, None, np.random.default_rng(i), ncfg, crop, float(d.frame_shuffle_prob))
+
+    n = max(int(config.data.n_samples), 4)
+    out["noise_only_samples_per_s_per_worker"], _ = _rate(noise_only, n, 1)
+    out["plan_only_samples_per_s_per_worker"], _ = _rate(plan_only, n, 1)
     _consumer(config, out)
     return out
+
+
+def _write_h5_cases(path: Path, n_cases: int, shape: tuple) -> None:
+    """`n_cases` reference-layout cases (/<group>/<case>/{image, gmap}): complex noise around a constant signal in
+    SNR units and two smooth g-maps each; only their sizes matter to the benchmark."""
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y = np.meshgrid(np.linspace(0, 1, shape[0]), np.linspace(0, 1, shape[1]), indexing="ij")
+    with h5py.File(path, "w") as f:
+        for i in range(n_cases):
+            img = rng.standard_normal(shape) + 1j * rng.standard_normal(shape) + 20.0
+            g = f.create_group(f"site{i % 2}/case{i}")
+            g["image"] = img.astype(np.complex64)
+            g["gmap"] = np.stack([1 + x * (i + 1), 1 + y * (i + 1)], -1)[:, :, None, :].astype(np.float32)
 
 
 # ================================================================================================ memory fit

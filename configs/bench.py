@@ -19,6 +19,9 @@ Names:
   record_tiny     the same at smoke sizes
   noise_pipeline  SNRAware training samples/s per worker: denoise transform (render + SNR-unit noise + crop)
   noise_tiny      the same at smoke sizes
+  noise_h5        the same transform on the reference's HDF5 cases (`denoise.py:h5`; written to a temp file:
+                  data.h5_cases cases of data.h5_case_shape complex, 2 g-maps each)
+  noise_h5_tiny   the same at smoke sizes
   memory_fit      largest MAE size x batch per device under FSDP over 8 devices within memory.budget_bytes
   memory_fit_tiny the same search on the smoke model (tests)
   scaling         weak / strong scaling over 1/2/4/8 simulated CPU devices + 2 local processes (jax.distributed)
@@ -106,6 +109,15 @@ def get_config(name: str = "mae_base") -> ml_collections.ConfigDict:
     if name in ("noise_pipeline", "noise_tiny"):
         c = _common(name, "noise_pipeline", _task("denoise.py:" + ("paper" if name == "noise_pipeline" else "smoke")))
         c.data.n_samples = 12 if name == "noise_pipeline" else 3
+        return c
+    if name in ("noise_h5", "noise_h5_tiny"):
+        tiny = name == "noise_h5_tiny"
+        c = _common(name, "noise_pipeline", _task("denoise.py:h5", ("data.path=''",)))
+        c.data.n_samples = 3 if tiny else 24
+        c.data.h5_cases = 2 if tiny else 8
+        c.data.h5_case_shape = (40, 36, 6) if tiny else (256, 208, 30)  # x, y, frames
+        if tiny:
+            c.train.data.crop = (32, 32, 8)
         return c
     if name == "memory_fit":
         c = _common(name, "memory_fit", _task("mae_pretrain.py:base"))

@@ -62,7 +62,7 @@ def test_train_step_json(capsys):
 
 
 def test_data_benchmarks_json(capsys):
-    for name in ("synth_tiny", "record_tiny", "noise_tiny"):
+    for name in ("synth_tiny", "record_tiny", "noise_tiny", "noise_h5_tiny"):
         r = _run(name, "data.n_samples=2", "data.consumer_samples_per_s=1.0", capsys=capsys)
         assert r["name"] == name
         assert r["samples_per_s_per_worker"] > 0 and r["grain_samples_per_s_per_worker"] > 0
@@ -71,6 +71,14 @@ def test_data_benchmarks_json(capsys):
             assert r["read_decode_samples_per_s"] > 0 and r["records"] == 2 and r["n_frames"] == 8
             assert 8 * (32 * 32 * 4 + 3 * 32 * 32) // 2 < r["bytes_per_record"] < 8 * 4 * (32 * 32 * 4 + 3 * 32 * 32)
             assert r["sample_shapes"]["sax"] == [32, 32, 4, 1]
+        if name == "noise_tiny":  # smoke: host noise; the other path (the plan, noise in the step) is reported too
+            assert r["noise_on_device"] is False and r["sample_shapes"]["image"] == [32, 32, 8, 3]
+            assert r["other_path"]["noise_on_device"] is True and r["other_path"]["samples_per_s_per_worker"] > 0
+            assert r["plan_only_samples_per_s_per_worker"] > 0 and r["noise_only_samples_per_s_per_worker"] > 0
+        if name == "noise_h5_tiny":  # the h5 variant: noise in the step by default, cases read through the source
+            assert r["source"] == "h5" and r["noise_on_device"] is True and r["case_shape"] == [40, 36, 6]
+            assert r["sample_shapes"]["noise_lx"] == [32, 32] and r["sample_shapes"]["clean"] == [32, 32, 8, 2]
+            assert r["other_path"]["noise_on_device"] is False
 
 
 @pytest.mark.parametrize("lib", ["", "jemalloc"])

@@ -58,6 +58,9 @@ DEFAULTS: dict = {
     "salt_pepper_prob": 0.4,
     "add_poisson": False,
     "poisson_prob": 0.4,
+    # training only: the host draws the plan (g-map, level, filters; `draw_noise_plan`) and the accelerator draws
+    # the noise of the cut-out from the same law inside the jitted step (`noise_device`); False: all on the host
+    "on_device": False,
 }
 
 
@@ -178,13 +181,15 @@ def _filter_centred(x: np.ndarray, f: np.ndarray, axes) -> np.ndarray:
     return np.fft.fftshift(np.fft.ifftn(k * np.fft.ifftshift(f, axes=axes), axes=axes, norm="ortho"), axes=axes)
 
 
-def colour_noise(noise: np.ndarray, rng: np.random.Generator, cfg: Mapping) -> tuple[np.ndarray, dict]:
-    """Colour complex white noise (X, Y, T) in k-space; its std is preserved (filters normalised per axis).
+def colour_filters(rng: np.random.Generator, shape, cfg: Mapping) -> tuple[np.ndarray, np.ndarray, np.ndarray | None,
+                                                                            dict]:
+    """Draw the k-space filters `colour_noise` applies to noise of `shape` (X, Y, T): fx (X,), fy (Y,) and ft (T,) or
+    None, each normalised (mean f^2 = 1), and their description.
 
     Draws resolution-reduction ratios, a partial-Fourier mode (x, y or both; pre/post zero), Gaussian filter sigmas
     for x and y and, with probability `prob_apply_filter_t`, a temporal Gaussian filter.
     """
-    nx, ny, nt = noise.shape
+    nx, ny, nt = shape
     rx = float(_pick(rng, cfg["readout_resolution_ratio"]))
     ry = float(_pick(rng, cfg["phase_resolution_ratio"]))
     pf_axes = int(rng.integers(0, 3))  # 0: x only, 1: y only, 2: both
@@ -200,14 +205,41 @@ def colour_noise(noise: np.ndarray, rng: np.random.Generator, cfg: Mapping) -> t
                           * resolution_filter(nx, rx))
     fy = normalise_filter(gaussian_filter(ny, gy) * partial_fourier_filter(ny, pfy, prey, width)
                           * resolution_filter(ny, ry))
-    out = _filter_centred(noise, fx[:, None, None] * fy[None, :, None], axes=(0, 1))
     info = dict(readout_ratio=rx, phase_ratio=ry, pf_x=pfx, pf_y=pfy, sigma_x=gx, sigma_y=gy, sigma_t=0.0)
+    ft = None
     if nt > 1 and rng.random() < float(cfg["prob_apply_filter_t"]):
         gt = float(_pick(rng, cfg["kspace_filter_sigma_t"]))
         ft = gaussian_filter(nt, gt)
-        out = _filter_centred(out, ft[None, None, :], axes=(2,))
         info["sigma_t"] = gt
+    return fx, fy, ft, info
+
+
+def colour_noise(noise: np.ndarray, rng: np.random.Generator, cfg: Mapping) -> tuple[np.ndarray, dict]:
+    """Colour complex white noise (X, Y, T) in k-space with filters drawn by `colour_filters`; std preserved."""
+    fx, fy, ft, info = colour_filters(rng, noise.shape, cfg)
+    out = _filter_centred(noise, fx[:, None, None] * fy[None, :, None], axes=(0, 1))
+    if ft is not None:
+        out = _filter_centred(out, ft[None, None, :], axes=(2,))
     return out.astype(np.complex64), info
+
+
+def window_factor(f: np.ndarray | None, start: int, size: int) -> np.ndarray:
+    """L (size, size) complex64 with L L^H = the covariance of `size` consecutive samples (from `start`) of unit
+    white noise filtered along one axis by `f` as `colour_noise` does (f None: no filter, L = I).
+
+    Why: the coloured noise is (Kx (x) Ky (x) Kt) w with each K the circulant `ifftc(f * fftc(.))` over the full
+    series, so a cut-out of it is a circular Gaussian with covariance Gx (x) Gy (x) Gt, G = K[win] K[win]^H. Applying
+    the three small L's to white noise of the cut-out's size draws from exactly that law: the accelerator can make
+    the noise of a 64x64x16 cut-out without the full-size draws and FFTs (`noise_device`)."""
+    if f is None:
+        return np.eye(size, dtype=np.complex64)
+    n = len(f)
+    if not 0 <= start <= n - size:
+        raise ValueError(f"window [{start}, {start + size}) is outside an axis of {n}")
+    k = _filter_centred(np.eye(n, dtype=np.complex128), np.asarray(f, np.float64)[:, None], axes=(0,))
+    rows = k[start:start + size]  # column j of k: the response to an impulse at j
+    lam, u = np.linalg.eigh(rows @ rows.conj().T)
+    return (u * np.sqrt(np.clip(lam, 0.0, None))).astype(np.complex64)
 
 
 # ------------------------------------------------------------------------------------------------------ g-factor
@@ -313,20 +345,17 @@ def reference_signal(clean: np.ndarray, percentile: float) -> float:
     return float(np.percentile(nz, percentile)) if nz.size else 0.0
 
 
-def synthesize(clean: np.ndarray, rng: np.random.Generator, cfg: Mapping | None = None,
-               bank: np.ndarray | None = None, gmap: np.ndarray | None = None) -> dict:
-    """One noisy training pair from a clean complex series (X, Y, T).
-
-    Returns dict: 'noisy', 'clean' complex64 (X, Y, T) in SNR units (when cfg snr_unit); 'gmap' float32 (X, Y, T);
-    'sigma' (noise std before scaling, clean-image units), 'snr' (reference signal / (sigma) before g), 'scale'
-    (the divisor applied; 1 without SNR-unit scaling), 'accel', 'n_coils'. A given `gmap` (X, Y[, T]) overrides
-    the drawn one (test sets, user maps). All randomness comes from `rng`, in a fixed draw order.
-    """
-    cfg = merge_config(cfg)
+def _series(clean) -> np.ndarray:
     clean = np.asarray(clean)
     if clean.ndim != 3:
         raise ValueError(f"clean series must be (X, Y, T), got shape {clean.shape}")
-    clean = clean.astype(np.complex64)
+    return clean.astype(np.complex64)
+
+
+def _gmap_and_level(clean: np.ndarray, rng: np.random.Generator, cfg: Mapping, bank, gmap, need_snr: bool = True):
+    """The first draws of a sample: its g-map (X, Y, T) and description, the noise level sigma, the SNR it gives
+    (NaN when not `need_snr` and the level is drawn directly: the percentile is then not worth its time) and the
+    SNR-unit divisor."""
     nx, ny, nt = clean.shape
     g2d, ginfo = sample_gmap(rng, nx, ny, cfg, bank)
     if gmap is not None:
@@ -341,9 +370,27 @@ def synthesize(clean: np.ndarray, rng: np.random.Generator, cfg: Mapping | None 
         sigma = reference_signal(clean, float(cfg["snr_reference_percentile"])) / snr
     else:
         sigma = float(cfg["min_noise_level"]) + (float(cfg["max_noise_level"]) - float(cfg["min_noise_level"])) * u
-        ref = reference_signal(clean, float(cfg["snr_reference_percentile"]))
-        snr = ref / sigma if sigma > 0 else float("inf")
-    noise = complex_noise(sigma, (nx, ny, nt), rng)
+        snr = float("nan")
+        if need_snr:
+            ref = reference_signal(clean, float(cfg["snr_reference_percentile"]))
+            snr = ref / sigma if sigma > 0 else float("inf")
+    scale = math.sqrt(sigma * sigma + float(cfg["clean_noise_std"]) ** 2) if cfg["snr_unit"] else 1.0
+    return g, ginfo, float(sigma), float(snr), (scale if scale > 0 else 1.0)
+
+
+def synthesize(clean: np.ndarray, rng: np.random.Generator, cfg: Mapping | None = None,
+               bank: np.ndarray | None = None, gmap: np.ndarray | None = None) -> dict:
+    """One noisy training pair from a clean complex series (X, Y, T).
+
+    Returns dict: 'noisy', 'clean' complex64 (X, Y, T) in SNR units (when cfg snr_unit); 'gmap' float32 (X, Y, T);
+    'sigma' (noise std before scaling, clean-image units), 'snr' (reference signal / (sigma) before g), 'scale'
+    (the divisor applied; 1 without SNR-unit scaling), 'accel', 'n_coils'. A given `gmap` (X, Y[, T]) overrides
+    the drawn one (test sets, user maps). All randomness comes from `rng`, in a fixed draw order.
+    """
+    cfg = merge_config(cfg)
+    clean = _series(clean)
+    g, ginfo, sigma, snr, scale = _gmap_and_level(clean, rng, cfg, bank, gmap)
+    noise = complex_noise(sigma, clean.shape, rng)
     info = {}
     if not cfg["only_white_noise"]:
         noise, info = colour_noise(noise, rng, cfg)
@@ -354,10 +401,28 @@ def synthesize(clean: np.ndarray, rng: np.random.Generator, cfg: Mapping | None 
         lam = float(rng.integers(1, 10))
         mag = np.abs(clean) / lam
         noisy = noisy + (rng.poisson(mag) - mag).astype(np.float32)
-    scale = math.sqrt(sigma * sigma + float(cfg["clean_noise_std"]) ** 2) if cfg["snr_unit"] else 1.0
-    scale = scale if scale > 0 else 1.0
     return dict(noisy=(noisy / scale).astype(np.complex64), clean=(clean / scale).astype(np.complex64), gmap=g,
-                sigma=float(sigma), snr=float(snr), scale=float(scale), accel=int(ginfo["accel"]),
+                sigma=sigma, snr=snr, scale=float(scale), accel=int(ginfo["accel"]),
+                n_coils=int(ginfo["n_coils"]), **info)
+
+
+def draw_noise_plan(clean: np.ndarray, rng: np.random.Generator, cfg: Mapping | None = None,
+                    bank: np.ndarray | None = None, gmap: np.ndarray | None = None) -> dict:
+    """`synthesize` without the white noise: its g-map, sigma, SNR-unit `scale` and k-space filters ('fx', 'fy',
+    'ft'; None = no filter), drawn in its order, for making the noise on the accelerator
+    (`window_factor`, `noise_device`). Salt-and-pepper and Poisson noise depend on the noisy image: host only."""
+    cfg = merge_config(cfg)
+    if cfg["add_salt_pepper"] or cfg["add_poisson"]:
+        from cinema_jax.errors import ConfigError
+
+        raise ConfigError("noise.add_salt_pepper / noise.add_poisson need host synthesis: set noise.on_device=False")
+    clean = _series(clean)
+    g, ginfo, sigma, snr, scale = _gmap_and_level(clean, rng, cfg, bank, gmap, need_snr=False)
+    fx = fy = ft = None
+    info = {}
+    if not cfg["only_white_noise"]:
+        fx, fy, ft, info = colour_filters(rng, clean.shape, cfg)
+    return dict(gmap=g, sigma=sigma, snr=snr, scale=float(scale), fx=fx, fy=fy, ft=ft, accel=int(ginfo["accel"]),
                 n_coils=int(ginfo["n_coils"]), **info)
 
 

@@ -86,6 +86,29 @@ def _crop_starts(shape, crop, rng: np.random.Generator | None):
     return starts
 
 
+def _noise_plan_sample(clean, g, rng: np.random.Generator, ncfg: dict, crop, shuffle_prob: float) -> dict:
+    """A training sample whose noise the accelerator draws (`noise.on_device`; keys in `noise_device`): the host's
+    draws up to the noise (g-map, level, filters), the cut-out, and the per-axis noise factors of that window."""
+    plan = noise_lib.draw_noise_plan(clean, rng, ncfg, gmap=g)
+    sx, sy, st = _crop_starts(clean.shape, crop, rng)
+    cx, cy, ct = (min(c, n) for c, n in zip(crop, clean.shape))
+    sl = (slice(sx, sx + cx), slice(sy, sy + cy), slice(st, st + ct))
+    cl, gm = clean[sl] / plan["scale"], plan["gmap"][sl]
+    lt = noise_lib.window_factor(plan["ft"], st, ct)
+    if rng.random() < shuffle_prob:  # the frames and their noise rows move together
+        order = rng.permutation(ct)
+        cl, gm, lt = cl[..., order], gm[..., order], lt[order]
+    return dict(clean=_two(cl), gmap=np.ascontiguousarray(gm, np.float32),
+                noise_std=np.float32(plan["sigma"] / plan["scale"]),
+                noise_lx=noise_lib.window_factor(plan["fx"], sx, cx),
+                noise_ly=noise_lib.window_factor(plan["fy"], sy, cy), noise_lt=np.ascontiguousarray(lt))
+
+
+def on_device(config) -> bool:
+    """True when training samples leave the noise to the accelerator (`noise.on_device`)."""
+    return bool(_cfg_get(_cfg_get(config, "noise", {}) or {}, "on_device", False))
+
+
 def loss_weights_from_config(config) -> tuple[tuple[str, float], ...]:
     """`config.loss` as sorted (name, weight) pairs (hashable: it is a field of the Linen model); unknown terms ->
     ConfigError."""
@@ -99,13 +122,14 @@ def loss_weights_from_config(config) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(weights.items()))
 
 
-def make_denoise_model(size: str = "small", loss_weights: tuple = (), **kwargs):
-    """`imaging_transformer.make_model` returning a DenoisingModel that also carries the loss weights."""
+def make_denoise_model(size: str = "small", loss_weights: tuple = (), snr_unit: bool = True, **kwargs):
+    """`imaging_transformer.make_model` returning a DenoisingModel that also carries the loss weights and the
+    training inputs' units (for noise made on the accelerator)."""
     from cinema_jax.models.imaging_transformer import make_model
 
     base = make_model(size, **kwargs)
     fields = {f: getattr(base, f) for f in base.__dataclass_fields__ if f not in ("parent", "name")}
-    return _weighted_model_class()(loss_weights=tuple(loss_weights), **fields)
+    return _weighted_model_class()(loss_weights=tuple(loss_weights), snr_unit=bool(snr_unit), **fields)
 
 
 @functools.cache
@@ -113,9 +137,11 @@ def _weighted_model_class():
     from cinema_jax.models.imaging_transformer import DenoisingModel
 
     class WeightedDenoisingModel(DenoisingModel):
-        """DenoisingModel + `loss_weights` ((name, weight) pairs read by `DenoiseTask.loss`; no params)."""
+        """DenoisingModel + `loss_weights` ((name, weight) pairs read by `DenoiseTask.loss`) + `snr_unit` (False:
+        on-device noisy inputs are normalised per sample, the ablation); no params."""
 
         loss_weights: tuple = ()
+        snr_unit: bool = True
 
     return WeightedDenoisingModel
 
@@ -143,7 +169,8 @@ class DenoiseTask(_TaskBase):
         dtype = jnp.bfloat16 if _cfg_get(config, "precision", "float32") == "bfloat16" else jnp.float32
         weights = loss_weights_from_config(config)
         return make_denoise_model(m.size, backbone=m.backbone, dtype=dtype,
-                                  remat=_cfg_get(config, "remat", "none"), loss_weights=weights, **over)
+                                  remat=_cfg_get(config, "remat", "none"), loss_weights=weights,
+                                  snr_unit=bool(config.noise.get("snr_unit", True)), **over)
 
     # ---------------------------------------------------------------------------------------- data
     def records(self, config, split: str) -> list[dict]:
@@ -216,6 +243,8 @@ class DenoiseTask(_TaskBase):
         if g is not None:  # given map: skip drawing one (gmap_augment off here only stops the draw)
             g = np.broadcast_to(g, clean.shape).astype(np.float32)
             ncfg = dict(ncfg, gmap_augment=False)
+        if train and ncfg["on_device"]:
+            return _noise_plan_sample(np.ascontiguousarray(clean), g, rng, ncfg, crop, float(d.frame_shuffle_prob))
         out = noise_lib.synthesize(np.ascontiguousarray(clean), rng, ncfg, gmap=g)
         sx, sy, st = _crop_starts(out["noisy"].shape, crop, rng if train else None)
         sl = (slice(sx, sx + crop[0]), slice(sy, sy + crop[1]), slice(st, st + crop[2]))
@@ -236,12 +265,19 @@ class DenoiseTask(_TaskBase):
                     scale=np.float32(scale), sigma=np.float32(out["sigma"]))
 
     def example_batch(self, config, batch_size: int) -> dict[str, np.ndarray]:
+        """A training batch's keys and shapes (with `noise.on_device`: the noise plan; identity noise factors)."""
         cx, cy, ct = (int(v) for v in config.data.crop)
         z = lambda c: np.zeros((batch_size, cx, cy, ct, c), np.float32)
-        return dict(image=z(3), target=z(2), clean=z(2), noisy=z(2), scale=np.ones((batch_size,), np.float32),
-                    sigma=np.ones((batch_size,), np.float32))
+        ones = np.ones((batch_size,), np.float32)
+        if on_device(config):
+            eye = lambda n: np.broadcast_to(np.eye(n, dtype=np.complex64), (batch_size, n, n)).copy()
+            return dict(clean=z(2), gmap=np.ones((batch_size, cx, cy, ct), np.float32), noise_std=ones,
+                        noise_lx=eye(cx), noise_ly=eye(cy), noise_lt=eye(ct))
+        return dict(image=z(3), target=z(2), clean=z(2), noisy=z(2), scale=ones, sigma=ones)
 
     def model_inputs(self, batch) -> dict:
+        if "image" not in batch:  # a noise-plan batch (the model's input is made in the step)
+            return {"image": np.zeros(np.shape(batch["clean"])[:-1] + (3,), np.float32)}
         return {"image": batch["image"]}
 
     # ---------------------------------------------------------------------------------------- loss
@@ -251,10 +287,17 @@ class DenoiseTask(_TaskBase):
         import jax
 
         rngs = {"droppath": jax.random.fold_in(rng, 1), "dropout": jax.random.fold_in(rng, 2)} if train else {}
-        pred = model.apply({"params": params}, batch["image"], train=train, rngs=rngs)
+        if "noise_std" in batch:  # noise plan: the noisy input is drawn here, on the accelerator
+            from cinema_jax.data import noise_device
+
+            image, target = noise_device.model_inputs(batch, jax.random.fold_in(rng, 3),
+                                                      snr_unit=bool(getattr(model, "snr_unit", True)))
+        else:
+            image, target = batch["image"], batch["target"]
+        pred = model.apply({"params": params}, image, train=train, rngs=rngs)
         if weights is None:
             weights = dict(getattr(model, "loss_weights", ()) or ()) or DEFAULT_LOSS_WEIGHTS
-        return combined_loss(pred, batch["target"], dict(weights))
+        return combined_loss(pred, target, dict(weights))
 
     # ---------------------------------------------------------------------------------------- eval
     def predict(self, model, params, image):
@@ -432,7 +475,7 @@ def quick_train(config, steps: int | None = None, log_every: int = 0, params=Non
     ex = task.example_batch(config, bs)
     if params is None:
         params = nn.meta.unbox(jax.jit(lambda: model.init({"params": jax.random.key(config.seed)},
-                                                          ex["image"], train=False))()["params"])
+                                                          **task.model_inputs(ex), train=False))()["params"])
     o = config.optim
     sched = optax.warmup_cosine_decay_schedule(0.0, o.lr, int(o.warmup_steps), max(steps, int(o.warmup_steps) + 1),
                                                o.min_lr)
@@ -451,7 +494,8 @@ def quick_train(config, steps: int | None = None, log_every: int = 0, params=Non
         idx = [(s * bs + j) for j in range(bs)]
         samples = [task.transform(recs[i % len(recs)], np.random.default_rng([int(config.seed), i]), config, True)
                    for i in idx]
-        batch = {k: np.stack([c[k] for c in samples]) for k in ("image", "target")}
+        keys = ("image", "target") if "image" in samples[0] else tuple(samples[0])
+        batch = {k: np.stack([c[k] for c in samples]) for k in keys}
         params, opt, loss = step(params, opt, batch, jax.random.key(s))
         losses.append(float(loss))
         if log_every and s % log_every == 0:

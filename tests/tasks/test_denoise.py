@@ -75,6 +75,41 @@ def test_smoke_training_improves_psnr_over_noisy_input():
     assert m["ssim"] > m["ssim_noisy"]
 
 
+def test_noise_plan_samples_and_the_step_made_inputs():
+    c = get_config("smoke")
+    c.noise.on_device = True
+    rec = TASK.records(c, "train")[0]
+    a = TASK.transform(rec, np.random.default_rng(3), c, True)
+    b = TASK.transform(rec, np.random.default_rng(3), c, True)
+    ex = TASK.example_batch(c, 1)
+    assert set(a) == set(ex)
+    for k in a:
+        assert a[k].shape == ex[k].shape[1:] and a[k].dtype == ex[k].dtype, k
+        np.testing.assert_array_equal(a[k], b[k])
+    assert a["clean"].shape == (32, 32, 8, 2) and a["noise_lx"].shape == (32, 32) and a["gmap"].min() >= 1.0
+    assert 0 < float(a["noise_std"]) <= 1.0  # SNR units with a noise-free phantom: sigma / sigma
+    ev = TASK.transform(TASK.records(c, "val")[0], np.random.default_rng(0), c, False)
+    assert ev["image"].shape == (64, 64, 8, 3)  # evaluation keeps the host's fixed samples
+    batch = {k: np.stack([TASK.transform(r, np.random.default_rng(i), c, True)[k] for i, r in
+                          enumerate(TASK.records(c, "train")[:2])]) for k in a}
+    model = TASK.make_model(c)
+    params = jax.jit(lambda: model.init({"params": jax.random.key(0)}, **TASK.model_inputs(batch)))()["params"]
+    loss, parts = jax.jit(lambda p, k: TASK.loss(model, p, batch, k, True))(params, jax.random.key(1))
+    again, _ = jax.jit(lambda p, k: TASK.loss(model, p, batch, k, True))(params, jax.random.key(1))
+    other, _ = jax.jit(lambda p, k: TASK.loss(model, p, batch, k, True))(params, jax.random.key(2))
+    assert np.isfinite(float(loss)) and float(loss) == float(again) and float(loss) != float(other)
+
+
+@pytest.mark.slow
+def test_smoke_training_with_noise_on_device_improves_psnr():
+    c = get_config("smoke")
+    c.noise.on_device = True
+    model, params, losses = quick_train(c, steps=60)
+    assert np.mean(losses[-10:]) < np.mean(losses[:5])
+    m = TASK.evaluate(model, params, TASK.eval_batches(c, "val"), c)
+    assert m["psnr_gain"] > 1.0, m
+
+
 def test_evaluate_reports_noisy_baseline():
     c = get_config("smoke")
     model = TASK.make_model(c)
@@ -115,13 +150,24 @@ def h5_config(path, **over):
     return c
 
 
-def test_h5_cases_use_their_own_gmaps(tmp_path):
+def _gmap_of(sample):
+    """The g-map a training sample carries: its input's channel 2 (host noise) or its plan's 'gmap' (noise on the
+    accelerator)."""
+    return sample["image"][..., 2] if "image" in sample else sample["gmap"]
+
+
+def _cut_out_shape(sample):
+    return sample["image"].shape[:3] if "image" in sample else sample["clean"].shape[:3]
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+def test_h5_cases_use_their_own_gmaps(tmp_path, on_device):
     from cinema_jax.data.datasets import H5CaseSource
 
     (tmp_path / "train").mkdir()
     _write_h5(tmp_path / "train" / "a.h5")
     _write_h5(tmp_path / "val.h5", n_cases=1)
-    c = h5_config(tmp_path)
+    c = h5_config(tmp_path, **{"noise.on_device": on_device})
     src = TASK.source(c, "train")
     assert len(src) == 3 and len(TASK.source(c, "val")) == 1
     assert [src[i]["case"] for i in range(3)] == ["scanner0/case0", "scanner0/case2", "scanner1/case1"]  # sorted
@@ -130,8 +176,9 @@ def test_h5_cases_use_their_own_gmaps(tmp_path):
     seen = set()
     for seed in range(24):
         s = TASK.transform(rec, np.random.default_rng(seed), c, True)
-        assert s["image"].shape == (32, 32, 8, 3)  # 6 frames repeated to the 8-frame cut-out
-        g = s["image"][..., 2]
+        assert ("image" in s) != on_device
+        assert _cut_out_shape(s) == (32, 32, 8)  # 6 frames repeated to the 8-frame cut-out
+        g = _gmap_of(s)
         assert np.ptp(g) == 0  # the case's constant maps, not a drawn coil g-map
         seen.add(round(float(g.flat[0]), 3))
     assert seen == {1.0, 1.5, 2.5}  # map 0, map 1, or none (R = 1)
@@ -151,8 +198,8 @@ def test_h5_small_images_magnitude_and_matrix_size(tmp_path):
     c = h5_config(tmp_path, **{"data.matrix_size_prob": 1.0, "data.matrix_size_ratios": (1.5, 2.0)})
     resized = TASK.transform(rec, np.random.default_rng(1), c, True)  # only 2.0 (48x40) fits the cut-out
     for s in (padded, resized):
-        assert s["image"].shape == (32, 32, 8, 3) and np.all(np.isfinite(s["image"]))
-        assert set(np.unique(np.round(s["image"][..., 2], 4))) <= {1.0, 1.5}
+        assert _cut_out_shape(s) == (32, 32, 8) and all(np.all(np.isfinite(v)) for v in s.values())
+        assert set(np.unique(np.round(_gmap_of(s), 4))) <= {1.0, 1.5}
 
 
 def test_h5_gmap_is_flipped_with_the_image(tmp_path):
@@ -170,7 +217,7 @@ def test_h5_gmap_is_flipped_with_the_image(tmp_path):
         draws.random()
         if int(draws.integers(0, 2)) == 1:
             continue  # the R = 1 draw: no map to flip
-        g = TASK.transform(rec, np.random.default_rng(seed), c, True)["image"][:, 0, 0, 2]
+        g = _gmap_of(TASK.transform(rec, np.random.default_rng(seed), c, True))[:, 0, 0]
         assert (np.diff(g) < 0).all() if flip_x else (np.diff(g) > 0).all()
         directions.add(flip_x)
     assert directions == {True, False}
