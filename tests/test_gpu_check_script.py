@@ -32,14 +32,20 @@ def test_script_parses_and_its_config_keys_exist():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
     text = SCRIPT.read_text()
     bench_part, train_part = text.split("cinema_jax train", 1)
+    train_part, denoise_part = train_part.split("GPU_CHECK_DENOISE_BENCH:-", 1)
     bench_keys, train_keys = _keys(bench_part), _keys(train_part)
+    assert _keys(denoise_part) == ["conv=1"]
+    _check("bench.py:denoise", _keys(denoise_part))
     assert {"conv=1", "attention=1", "matmul_size=1"} <= set(bench_keys)
     assert {"total_steps=1", "batch_size=1"} <= set(train_keys)
     _check("bench.py:mae_base", bench_keys)
     _check("mae_pretrain.py:base", train_keys)
     data = re.search(r"GPU_CHECK_DATA:-([\w,]+)", text).group(1).split(",")
-    assert data == ["record_data", "synth_data"]
-    for name in data + ["record_tiny", "synth_tiny"]:  # the default host-side benches and the dry-run ones exist
-        assert load_base(f"{ROOT / 'configs' / 'bench.py'}:{name}").mode in ("record_data", "synth_data")
+    assert data == ["record_data", "synth_data", "noise_h5"]
+    for name in data + ["record_tiny", "synth_tiny", "noise_h5_tiny"]:  # default host-side benches, dry-run ones
+        assert load_base(f"{ROOT / 'configs' / 'bench.py'}:{name}").mode in ("record_data", "synth_data",
+                                                                              "noise_pipeline")
+    denoise = re.search(r"GPU_CHECK_DENOISE_BENCH:-(\w+)", text).group(1)
+    assert load_base(f"{ROOT / 'configs' / 'bench.py'}:{denoise}").train.task == "denoise"
     with pytest.raises(AssertionError, match="unknown config key"):  # the check itself can fail
         _check("mae_pretrain.py:base", ["no_such_key=1"])

@@ -3,7 +3,8 @@
 #
 #   bash tools/gpu_check.sh            # writes $OUT/bench.jsonl, train.log, train_metrics.jsonl, env.txt
 #   PYTHON=.venv/bin/python GPU_CHECK_BENCH=mae_tiny GPU_CHECK_TRAIN=mae_pretrain.py:smoke GPU_CHECK_BATCH=2 \
-#     GPU_CHECK_PRECISION=float32 GPU_CHECK_ATTENTION=xla GPU_CHECK_DATA=record_tiny,synth_tiny \
+#     GPU_CHECK_PRECISION=float32 GPU_CHECK_ATTENTION=xla GPU_CHECK_DATA=record_tiny,synth_tiny,noise_h5_tiny \
+#     GPU_CHECK_DENOISE_BENCH=denoise_tiny GPU_CHECK_DENOISE_BATCH=2 \
 #     GPU_CHECK_BUDGET_S=1200 bash tools/gpu_check.sh     # dry run of the script itself on CPU (each bench's 8192^2
 #                                                         # matmul peak takes ~3 min on 2 cores)
 #
@@ -15,8 +16,10 @@
 #   3    the same with the explicit attention (head-major einsums)
 #   4    a 40-step real training run of mae_pretrain.py:base: steps_per_s and data_wait_frac (input stalls) per 10
 #        steps, from its metrics.jsonl (copied to $OUT/train_metrics.jsonl)
-#   5    the host side: record_data (pre-rendered ArrayRecord frame records) and synth_data samples/s per worker on
-#        the device machine's CPUs (GPU_CHECK_DATA=record_tiny,synth_tiny for the dry run)
+#   5    the host side: record_data (pre-rendered ArrayRecord frame records), synth_data and noise_h5 (denoiser
+#        samples from HDF5 cases, noise made in the step) samples/s per worker on the device machine's CPUs
+#        (GPU_CHECK_DATA=record_tiny,synth_tiny,noise_h5_tiny for the dry run)
+#   6    the denoiser's train step (denoise.py:paper, noise made in the step) at batch GPU_CHECK_DENOISE_BATCH
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -70,9 +73,13 @@ else
   echo "train skipped: deadline"
 fi
 
-for data_bench in $(echo "${GPU_CHECK_DATA:-record_data,synth_data}" | tr ',' ' '); do
+for data_bench in $(echo "${GPU_CHECK_DATA:-record_data,synth_data,noise_h5}" | tr ',' ' '); do
   if [ "$(left)" -lt 60 ]; then echo "{\"skipped\": \"$data_bench\", \"reason\": \"deadline\"}" | tee -a "$OUT/bench.jsonl"; continue; fi
   echo "== $data_bench ($(left) s left)"
   timeout "$(left)" "$py" -m cinema_jax.bench --config=configs/bench.py:"$data_bench" 2>"$OUT/$data_bench.err" \
     | tail -n 1 | tee -a "$OUT/bench.jsonl"
 done
+
+bench_name=${GPU_CHECK_DENOISE_BENCH:-denoise}
+batch=${GPU_CHECK_DENOISE_BATCH:-16}
+bench denoise_xla --config.conv=xla
