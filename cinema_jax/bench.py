@@ -392,6 +392,14 @@ def run_train_step(config) -> dict[str, Any]:
         times.append(time.perf_counter() - t0)
         losses.append(float(metrics["loss"]))
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    profile = None
+    if str(config.get("profile_dir", "") or ""):  # one more step, traced (not among the timed ones)
+        from cinema_jax.step_profile import profile_step
+
+        traced = profile_step(compiled, (state, batch), config.profile_dir, compiled.as_text(),
+                              int(config.profile_depth))
+        state, metrics = traced["outputs"]
+        profile = traced["summary"]
     step_s = statistics.median(times)
     n = len(devices)
     flops = flops_dev * n if flops_dev is not None else None
@@ -423,6 +431,8 @@ def run_train_step(config) -> dict[str, Any]:
         "loss_first": losses[0], "loss_last": losses[-1],
         "flop_convention": "XLA cost_analysis of the compiled step x devices; multiply-add = 2 FLOPs",
     }
+    if profile is not None:
+        out["profile"] = profile
     if config.hlo_stats:
         coll = hlo_collectives(compiled.as_text())
         out["collectives"] = {op: {"count": v["count"], "bytes": v["bytes"]} for op, v in coll.items()}
@@ -876,6 +886,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     spec, overrides = _parse_argv(argv)
     config = load_config(spec, overrides)
+    if str(config.get("profile_dir", "") or ""):
+        from cinema_jax.step_profile import enable_cpu_op_trace
+
+        enable_cpu_op_trace()  # before jax starts its backend: XLA:CPU reads its flags once
     if config.mode == "memory_fit" and "jax" not in sys.modules:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:

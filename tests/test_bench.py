@@ -21,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -205,3 +206,42 @@ def test_memory_fit_and_scaling_tiny(capsys):
     r = _run("scaling_tiny", capsys=capsys)
     assert [x["devices"] for x in r["weak"]] == [1, 2]
     assert all(x["step_time_s"] > 0 for x in r["weak"] + r["strong"])
+
+
+def test_profile_dir_adds_a_per_op_summary(tmp_path):
+    """`--config.profile_dir` traces one more step and sums its per-op time by kind, phase and model scope (on CPU
+    the bench turns on XLA's per-thunk trace events itself, so it runs in a fresh process)."""
+    cmd = [sys.executable, "-m", "cinema_jax.bench", "--config=configs/bench.py:denoise_tiny", "--config.timed_steps=1",
+           "--config.warmup_steps=0", f"--config.profile_dir={tmp_path}", "--config.profile_depth=2"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    p = r["profile"]
+    assert p["ops_traced"] > 50 and p["op_time_s"] > 0 and Path(p["trace"]).is_file()
+    assert {"forward", "backward"} <= set(p["by_phase"])
+    scopes = [row[0] for row in p["by_scope"]]
+    assert any(s.startswith("forward: WeightedDenoisingModel/") for s in scopes), scopes
+    assert all(s.count("/") <= 1 for s in scopes)  # profile_depth=2 keeps two module names
+    assert abs(sum(row[2] for row in p["by_kind"]) - 1.0) < 0.5
+
+
+def test_op_scope_parsing():
+    from cinema_jax.step_profile import op_scopes, phase_and_scope
+
+    hlo = """%fused_computation.3 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %mul.1 = f32[4]{0} multiply(%p, %p), metadata={op_name="jit(step)/transpose(jvp(Model))/enc/block_0/mul"}
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %add.2 = f32[4]{0} add(%a, %a), metadata={op_name="jit(step)/jvp(Model)/enc/add"}
+  ROOT %fusion.3 = f32[4]{0} fusion(%add.2), kind=kLoop, calls=%fused_computation.3
+}
+"""
+    scopes = op_scopes(hlo)
+    assert scopes["add.2"] == "jit(step)/jvp(Model)/enc/add"
+    assert scopes["fusion.3"].endswith("block_0/mul")  # a fusion without metadata: what it fuses
+    assert phase_and_scope(scopes["fusion.3"]) == ("backward", "Model/enc/block_0")
+    assert phase_and_scope(scopes["add.2"], depth=2) == ("forward", "Model/enc")
+    assert phase_and_scope("jit(step)/jvp(Model)/checkpoint/rematted_computation/enc/x")[0] == "recompute"

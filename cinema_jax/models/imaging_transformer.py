@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from cinema_jax.models.layers import (
     DropPath,
     boxed,
+    conv2d,
     grad_barrier,
     normal_init,
     ones,
@@ -191,6 +192,7 @@ class FrameConv(nn.Module):
     kernel: int = 3
     names: tuple[str, str] = ("conv_in", "conv_out")
     dtype: Dtype = jnp.float32
+    conv: str = "auto"  # 2-D conv lowering (layers.conv2d): auto | tuned | xla
     use_bias: bool = True
 
     @nn.compact
@@ -207,7 +209,7 @@ class FrameConv(nn.Module):
         else:
             p = k // 2
             f = jnp.pad(x.reshape(b * nt, nx, ny, cin), ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
-            f = jax.lax.conv_general_dilated(f, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            f = conv2d(f, w, impl=self.conv)  # VALID; kernel gradient tuned on CPU (layers.conv2d)
             y = f.reshape(b, nt, nx, ny, self.features)
         if not self.use_bias:
             return y
@@ -258,11 +260,13 @@ class Attention(nn.Module):
     position_bias: bool = True
     att_dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    conv: str = "auto"  # 2-D conv lowering (layers.conv2d): auto | tuned | xla
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         c, h = self.width, self.heads
-        q, k, v = (FrameConv(c, 3, ("embed", "heads"), self.dtype, name=n)(x) for n in ("query", "key", "value"))
+        q, k, v = (FrameConv(c, 3, ("embed", "heads"), self.dtype, conv=self.conv, name=n)(x)
+                   for n in ("query", "key", "value"))
         b, nt, nx, ny, _ = q.shape
         drop = nn.Dropout(self.att_dropout, deterministic=not train) if self.att_dropout > 0 else None
 
@@ -324,7 +328,7 @@ class Attention(nn.Module):
             y = y.transpose(0, 1, 2, 4, 6, 3, 5, 7, 8).reshape(b, nt, nx, ny, c)
         else:
             raise ValueError(f"unknown attention mode {self.mode!r}")
-        return FrameConv(c, 3, ("heads", "embed"), self.dtype, name="output_proj")(y)
+        return FrameConv(c, 3, ("heads", "embed"), self.dtype, conv=self.conv, name="output_proj")(y)
 
 
 class Cell(nn.Module):
@@ -338,24 +342,26 @@ class Cell(nn.Module):
     drop_path: float = 0.1
     position_bias: bool = True
     dtype: Dtype = jnp.float32
+    conv: str = "auto"  # 2-D conv lowering (layers.conv2d): auto | tuned | xla
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         c = self.width
         x = grad_barrier(x)  # the residual stream's cotangent, materialised per cell (layers.grad_barrier)
-        skip = x if x.shape[-1] == c else FrameConv(c, 3, ("conv_in", "embed"), self.dtype, name="input_proj")(x)
+        skip = x if x.shape[-1] == c else FrameConv(c, 3, ("conv_in", "embed"), self.dtype, conv=self.conv,
+                                                       name="input_proj")(x)
         y = FrameNorm(dtype=self.dtype, name="norm1")(x)
         mode = _KINDS[self.kind]
         g = self.geometry
         grid, patch = (g.local_grid, g.local_patch) if mode == "local" else (g.global_grid, g.global_patch)
         y = Attention(mode, c, self.heads, grid, patch, self.position_bias and mode != "temporal", dtype=self.dtype,
-                      name="attn")(y, train)
+                      conv=self.conv, name="attn")(y, train)
         x = skip.astype(self.dtype) + DropPath(self.drop_path)(y, not train)
         y = FrameNorm(dtype=self.dtype, name="norm2")(x)
-        y = FrameConv(int(self.mixer_ratio * c), 3, ("embed", "mlp"), self.dtype, name="mixer_in")(y)
+        y = FrameConv(int(self.mixer_ratio * c), 3, ("embed", "mlp"), self.dtype, conv=self.conv, name="mixer_in")(y)
         slope = self.param("prelu", boxed(nn.initializers.constant(0.25), (None,)), (1,), jnp.float32)
         y = jnp.where(y >= 0, y, jnp.asarray(slope[0], y.dtype) * y)
-        y = FrameConv(c, 3, ("mlp", "embed"), self.dtype, name="mixer_out")(y)
+        y = FrameConv(c, 3, ("mlp", "embed"), self.dtype, conv=self.conv, name="mixer_out")(y)
         return x + DropPath(self.drop_path)(y, not train)
 
 
@@ -370,13 +376,14 @@ class Block(nn.Module):
     drop_path: float = 0.1
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    conv: str = "auto"  # 2-D conv lowering (layers.conv2d): auto | tuned | xla
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         cell_cls = remat_wrap(Cell, self.remat, static_argnums=(2,))
         for i, kind in enumerate(parse_block_str(self.block_str)):
             x = cell_cls(kind, self.width, self.heads, self.geometry, self.mixer_ratio, self.drop_path,
-                         dtype=self.dtype, name=f"cell_{i}")(x, train)
+                         dtype=self.dtype, conv=self.conv, name=f"cell_{i}")(x, train)
         return x
 
 
@@ -403,13 +410,14 @@ class Up(nn.Module):
     features: int
     steps: int = 1
     dtype: Dtype = jnp.float32
+    conv: str = "auto"  # 2-D conv lowering (layers.conv2d): auto | tuned | xla
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.steps):
             b, nt, nx, ny, c = x.shape
             x = jax.image.resize(x, (b, nt, 2 * nx, 2 * ny, c), "linear")
-            x = FrameConv(self.features, 3, dtype=self.dtype, use_bias=False, name=f"U2_{i}")(x)
+            x = FrameConv(self.features, 3, dtype=self.dtype, conv=self.conv, use_bias=False, name=f"U2_{i}")(x)
         return x
 
 
@@ -424,10 +432,12 @@ class _Backbone(nn.Module):
     drop_path: float = 0.1
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    conv: str = "auto"  # 2-D conv lowering (layers.conv2d): auto | tuned | xla
 
     def _block(self, name, level, sizes, width=None, block_str=None):
         return Block(block_str or self.block_str[level], width or self.width * 2 ** level, self.heads,
-                     sizes[name][2], self.mixer_ratio, self.drop_path, self.remat, self.dtype, name=name)
+                     sizes[name][2], self.mixer_ratio, self.drop_path, self.remat, self.dtype, conv=self.conv,
+                     name=name)
 
 
 class HRNet(_Backbone):
@@ -443,11 +453,11 @@ class HRNet(_Backbone):
             return self._block("output_B0", 0, sizes)(x00, train)
         x01 = self._block("B01", 0, sizes)(x00, train)
         x11 = self._block("B11", 1, sizes)(Down(2 * c, 1, dt, name="down_00_11")(x00), train)
-        y0 = x01 + Up(c, 1, dt, name="up_1_0")(x11)
+        y0 = x01 + Up(c, 1, dt, conv=self.conv, name="up_1_0")(x11)
         y1 = x11 + Down(2 * c, 1, dt, name="down_0_1")(x01)
         y0 = self._block("output_B0", 0, sizes)(y0, train)
         y1 = self._block("output_B1", 1, sizes)(y1, train)
-        return jnp.concatenate([y0, Up(2 * c, 1, dt, name="up_1")(y1)], axis=-1)
+        return jnp.concatenate([y0, Up(2 * c, 1, dt, conv=self.conv, name="up_1")(y1)], axis=-1)
 
 
 class UNet(_Backbone):
@@ -466,7 +476,7 @@ class UNet(_Backbone):
         x = self._block("bridge", levels - 1, sizes, width=x.shape[-1], block_str=self.block_str[-1])(x, train)
         for i in range(levels - 1, -1, -1):
             ci = c * 2 ** i
-            up = Up(ci, 1, dt, name=f"up_{i}")(x)
+            up = Up(ci, 1, dt, conv=self.conv, name=f"up_{i}")(x)
             skip = skips[i]
             gate = nn.relu(FrameConv(ci, 1, dtype=dt, use_bias=False, name=f"attention_{i}_conv_query")(up)
                            + FrameConv(ci, 1, dtype=dt, use_bias=False, name=f"attention_{i}_conv_x")(skip))
@@ -512,6 +522,7 @@ class DenoisingModel(nn.Module):
     drop_path: float = 0.1
     out_channels: int = 2
     dtype: Dtype = jnp.float32
+    conv: str = "auto"  # 2-D conv lowering (layers.conv2d): auto | tuned | xla
     remat: str = "none"
 
     @nn.compact
@@ -525,14 +536,14 @@ class DenoisingModel(nn.Module):
         x = (tiles[0] if len(tiles) == 1 else jnp.concatenate(tiles, axis=0)).astype(self.dtype)
         x = x.transpose(0, 3, 1, 2, 4)  # inside: (B, T, X, Y, C), so per-frame ops reshape (B*T) freely
 
-        stem = FrameConv(self.width, 3, ("conv_in", "embed"), self.dtype, name="pre")(x)
+        stem = FrameConv(self.width, 3, ("conv_in", "embed"), self.dtype, conv=self.conv, name="pre")(x)
         cls = {"hrnet": HRNet, "unet": UNet}.get(self.backbone)
         if cls is None:
             raise ValueError(f"unknown backbone {self.backbone!r}; use 'hrnet' or 'unet'")
         y = cls(tuple(self.block_str), self.width, self.heads, tuple(self.window), tuple(self.patch), (tx, ty),
-                self.mixer_ratio, self.drop_path, self.remat, self.dtype, name="backbone")(stem, train)
+                self.mixer_ratio, self.drop_path, self.remat, self.dtype, conv=self.conv, name="backbone")(stem, train)
         y = jnp.concatenate([y[..., : self.width] + stem, y[..., self.width:]], axis=-1)
-        out = FrameConv(self.out_channels, 3, ("embed", "conv_out"), self.dtype, name="post")(y)
+        out = FrameConv(self.out_channels, 3, ("embed", "conv_out"), self.dtype, conv=self.conv, name="post")(y)
         out = out.astype(jnp.float32).transpose(0, 2, 3, 1, 4)
 
         if len(tiles) > 1:  # average the overlapping tiles back into the (padded) frame

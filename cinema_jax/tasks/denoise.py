@@ -162,7 +162,8 @@ class DenoiseTask(_TaskBase):
         m = config.model
         over = dict(block_str=tuple(m.block_str) or None, width=m.width or None, heads=m.heads or None,
                     window=tuple(m.window), patch=tuple(m.patch), mixer_ratio=m.mixer_ratio, drop_path=m.drop_path,
-                    image_size=tuple(m.get("image_size", ())) or None)  # build (tile) size; () = the size's
+                    image_size=tuple(m.get("image_size", ())) or None,  # build (tile) size; () = the size's
+                    conv=str(_cfg_get(config, "conv", "auto")))
         if m.size == "tiny":  # tiny keeps its own window/patch unless the config changes them from the defaults
             over.pop("window") if tuple(m.window) == (8, 8) else None
             over.pop("patch") if tuple(m.patch) == (4, 4) else None

@@ -107,3 +107,57 @@ def test_task_configs_pass_conv_to_the_model(spec, task):
     path = str(Path(__file__).resolve().parents[2] / "configs" / spec)
     assert get_task(task).make_model(apply_overrides(load_base(path), ["conv=xla"])).conv_impl == "xla"
     assert get_task(task).make_model(load_base(path)).conv_impl == "auto"
+
+
+def _dots(jaxpr):
+    """Output shapes of every dot_general in a jaxpr, sub-jaxprs (custom VJPs) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _dots(sub)
+    return found
+
+
+@pytest.mark.parametrize("n, h, w, c, o, padding", [(3, 9, 10, 4, 6, ((1, 1), (1, 1))), (2, 7, 7, 5, 5, "VALID"),
+                                                    (2, 8, 5, 3, 7, "SAME"), (1, 6, 6, 8, 2, "SAME")])
+def test_conv2d_tuned_kernel_gradient_matches_xla(n, h, w, c, o, padding):
+    """The denoiser's 2-D convs: 'tuned' takes the kernel gradient as one matmul per tap over row-shifted flat views
+    (when C <= O); values and both gradients equal XLA's conv, and C > O keeps XLA's own kernel gradient."""
+    keys = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(keys[0], (n, h, w, c))
+    k = jax.random.normal(keys[1], (3, 3, c, o))
+
+    def loss(impl):
+        def f(x, k):
+            y = layers_mod.conv2d(x, k, padding, impl)
+            return jnp.sum(y * jnp.sin(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)))
+        return f
+
+    grads = {impl: jax.jit(jax.value_and_grad(loss(impl), argnums=(0, 1)))(x, k) for impl in ("tuned", "xla")}
+    for a, b in zip(jax.tree_util.tree_leaves(grads["tuned"]), jax.tree_util.tree_leaves(grads["xla"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+    taps = {impl: [s for s in _dots(jax.make_jaxpr(jax.grad(loss(impl), argnums=1))(x, k).jaxpr) if s == (c, o)]
+            for impl in ("tuned", "xla")}
+    assert len(taps["tuned"]) == (9 if c <= o else 0) and not taps["xla"]
+
+
+def test_denoise_config_passes_conv_to_every_frame_conv():
+    from cinema_jax.config import apply_overrides, load_base
+    from cinema_jax.tasks import get_task
+
+    path = str(Path(__file__).resolve().parents[2] / "configs" / "denoise.py:smoke")
+    model = get_task("denoise").make_model(apply_overrides(load_base(path), ["conv=xla"]))
+    assert model.conv == "xla" and get_task("denoise").make_model(load_base(path)).conv == "auto"
+    x = jnp.zeros((1, 32, 32, 4, 3))
+    params = _params(model, x)
+    counts = {}
+    for impl in ("tuned", "xla"):
+        m = model.clone(conv=impl)
+        jaxpr = jax.make_jaxpr(jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, x) ** 2)))(params).jaxpr
+        counts[impl] = len([s for s in _dots(jaxpr) if len(s) == 2 and s[0] <= s[1]])
+    assert counts["tuned"] > counts["xla"] + 9 * 5  # many 3x3 convs' kernel gradients became per-tap matmuls
