@@ -635,7 +635,7 @@ def run_noise_pipeline(config) -> dict[str, Any]:
         return o["noisy"][: crop[0], : crop[1], : crop[2]]
 
     def plan_only(i: int):
-        return dn._noise_plan_sample(clean, None, np.random.default_rng(i), ncfg, crop, float(d.frame_shuffle_prob))
+        return dn.noise_plan_sample(clean, None, np.random.default_rng(i), ncfg, crop, float(d.frame_shuffle_prob))
 
     n = max(int(config.data.n_samples), 4)
     out["noise_only_samples_per_s_per_worker"], _ = _rate(noise_only, n, 1)

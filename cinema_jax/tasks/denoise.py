@@ -86,7 +86,7 @@ def _crop_starts(shape, crop, rng: np.random.Generator | None):
     return starts
 
 
-def _noise_plan_sample(clean, g, rng: np.random.Generator, ncfg: dict, crop, shuffle_prob: float) -> dict:
+def noise_plan_sample(clean, g, rng: np.random.Generator, ncfg: dict, crop, shuffle_prob: float) -> dict:
     """A training sample whose noise the accelerator draws (`noise.on_device`; keys in `noise_device`): the host's
     draws up to the noise (g-map, level, filters), the cut-out, and the per-axis noise factors of that window."""
     plan = noise_lib.draw_noise_plan(clean, rng, ncfg, gmap=g)
@@ -245,7 +245,7 @@ class DenoiseTask(_TaskBase):
             g = np.broadcast_to(g, clean.shape).astype(np.float32)
             ncfg = dict(ncfg, gmap_augment=False)
         if train and ncfg["on_device"]:
-            return _noise_plan_sample(np.ascontiguousarray(clean), g, rng, ncfg, crop, float(d.frame_shuffle_prob))
+            return noise_plan_sample(np.ascontiguousarray(clean), g, rng, ncfg, crop, float(d.frame_shuffle_prob))
         out = noise_lib.synthesize(np.ascontiguousarray(clean), rng, ncfg, gmap=g)
         sx, sy, st = _crop_starts(out["noisy"].shape, crop, rng if train else None)
         sl = (slice(sx, sx + crop[0]), slice(sy, sy + crop[1]), slice(st, st + crop[2]))
