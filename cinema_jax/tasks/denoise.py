@@ -41,16 +41,15 @@ def _cfg_get(cfg, key, default=None):
 
 @functools.lru_cache(maxsize=64)
 def render_slice(seed: int, index: int, view: str, slice_index: int, size: tuple, n_frames: int) -> np.ndarray:
-    """Clean complex phantom slice (X, Y, T) complex64, magnitude <= 1; cached per process (records are re-read)."""
+    """Clean complex phantom plane (X, Y, T) complex64, magnitude <= 1 (max 1 per frame); cached per process
+    (records are re-read). Only that plane is rendered (`phantom.render_complex_plane`)."""
     from cinema_jax.data import phantom
 
     nx, ny = size
     pcfg = phantom.PhantomConfig(lax_size=(nx, ny), lax_spacing=(FOV_MM / nx, FOV_MM / ny), sax_size=(nx, ny),
                                  sax_spacing=(FOV_MM / nx, FOV_MM / ny, 10.0), n_frames=n_frames)
     sub = phantom.sample_subject(seed, index, pcfg)
-    out = phantom.render(sub, views=(view,), cfg=pcfg, labels=False, complex_image=True)[f"{view}_complex"]
-    if view == "sax":
-        out = out[..., slice_index]
+    out = phantom.render_complex_plane(sub, view, slice_index, cfg=pcfg)
     return np.ascontiguousarray(np.moveaxis(out, 0, -1)).astype(np.complex64)  # (T, X, Y) -> (X, Y, T)
 
 

@@ -243,6 +243,30 @@ def test_complex_image_magnitude_and_smooth_phase():
     assert 0.9 < corr < 0.9999
 
 
+def test_complex_plane_is_the_volume_slice_up_to_scale():
+    """`render_complex_plane` renders one plane alone: the same picture as that slice of `render`'s volume (LAX:
+    identical), normalised per frame over the plane; past the data slices it is zero, as the volume's padding."""
+    subj = _subject_of("DCM", cfg=SMALL)
+    frames = [0, SMALL.n_frames // 2]
+    vol = P.render(subj, frames, views=("sax", "lax_2c"), cfg=SMALL, complex_image=True)
+    for k in (0, subj.n_sax // 2, subj.n_sax - 1):
+        plane = P.render_complex_plane(subj, "sax", k, frames, cfg=SMALL)
+        ref = vol["sax_complex"][..., k]
+        assert plane.shape == ref.shape and plane.dtype == np.complex64
+        peak = np.abs(plane).reshape(len(frames), -1).max(1)
+        np.testing.assert_allclose(peak, 1.0, atol=1e-5)
+        scale = np.abs(ref).reshape(len(frames), -1).max(1) / peak
+        assert np.all(scale > 0.05)  # this slice holds signal
+        np.testing.assert_allclose(plane * scale[:, None, None], ref, atol=2e-5)
+    np.testing.assert_array_equal(P.render_complex_plane(subj, "lax_2c", 0, frames, cfg=SMALL), vol["lax_2c_complex"])
+    if subj.n_sax < SMALL.n_slices:
+        assert not np.any(P.render_complex_plane(subj, "sax", subj.n_sax, frames, cfg=SMALL))
+    with pytest.raises(ValueError, match="outside"):
+        P.render_complex_plane(subj, "sax", SMALL.n_slices, frames, cfg=SMALL)
+    with pytest.raises(ValueError, match="unknown view"):
+        P.render_complex_plane(subj, "lax_5c", 0, frames, cfg=SMALL)
+
+
 def test_render_speed_budget():
     """One frame of all four views with labels at default sizes stays within the training budget."""
     import time
