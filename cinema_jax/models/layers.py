@@ -224,15 +224,19 @@ def _conv2d_valid_bwd(res, g):
 _conv2d_valid.defvjp(_conv2d_valid_fwd, _conv2d_valid_bwd)
 
 
+FLAT_TAPS_MIN_CHANNELS = 32  # below it XLA's kernel gradient wins: the 'tiny' denoiser (C = 8) ran 1.3x slower
+
+
 def conv2d(x: Array, w: Array, padding=((0, 0), (0, 0)), impl: str | None = None) -> Array:
     """Stride-1 2-D conv, (B, H, W, C) x (kh, kw, C, O), explicit padding ((lo, hi), (lo, hi)) or 'SAME'/'VALID'.
 
-    'tuned' ('auto' on CPU) takes its kernel gradient through `_conv2d_valid` when C <= O. For C > O (a 4C -> C
-    projection) XLA's own was as fast or faster (0.20 vs 0.23 s at 512 -> 128), so it is kept."""
+    'tuned' ('auto' on CPU) takes its kernel gradient through `_conv2d_valid` when 32 <= C <= O. For C > O (a 4C -> C
+    projection) XLA's own was as fast or faster (0.20 vs 0.23 s at 512 -> 128), and with few channels (C = 8, the
+    'tiny' denoiser's) its thin matmuls lose (58 vs 80-97 ms a smoke step), so XLA's is kept there."""
     kh, kw, c, o = w.shape
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), (1, 1), padding)
-    if resolve_conv_impl(impl) == "tuned" and kh * kw > 1 and c <= o:
+    if resolve_conv_impl(impl) == "tuned" and kh * kw > 1 and FLAT_TAPS_MIN_CHANNELS <= c <= o:
         if any(p for pair in padding for p in pair):
             x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
         return _conv2d_valid(x, w)

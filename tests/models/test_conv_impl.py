@@ -125,9 +125,11 @@ def _dots(jaxpr):
 
 @pytest.mark.parametrize("n, h, w, c, o, padding", [(3, 9, 10, 4, 6, ((1, 1), (1, 1))), (2, 7, 7, 5, 5, "VALID"),
                                                     (2, 8, 5, 3, 7, "SAME"), (1, 6, 6, 8, 2, "SAME")])
-def test_conv2d_tuned_kernel_gradient_matches_xla(n, h, w, c, o, padding):
+def test_conv2d_tuned_kernel_gradient_matches_xla(n, h, w, c, o, padding, monkeypatch):
     """The denoiser's 2-D convs: 'tuned' takes the kernel gradient as one matmul per tap over row-shifted flat views
-    (when C <= O); values and both gradients equal XLA's conv, and C > O keeps XLA's own kernel gradient."""
+    (when C <= O); values and both gradients equal XLA's conv, and C > O keeps XLA's own kernel gradient. The
+    channel floor is lifted so these small shapes take the flat path."""
+    monkeypatch.setattr(layers_mod, "FLAT_TAPS_MIN_CHANNELS", 1)
     keys = jax.random.split(jax.random.key(0), 2)
     x = jax.random.normal(keys[0], (n, h, w, c))
     k = jax.random.normal(keys[1], (3, 3, c, o))
@@ -146,8 +148,19 @@ def test_conv2d_tuned_kernel_gradient_matches_xla(n, h, w, c, o, padding):
     assert len(taps["tuned"]) == (9 if c <= o else 0) and not taps["xla"]
 
 
-def test_denoise_config_passes_conv_to_every_frame_conv():
+def test_conv2d_flat_taps_need_enough_channels():
+    """Below FLAT_TAPS_MIN_CHANNELS input channels 'tuned' keeps XLA's kernel gradient (thin matmuls lose there)."""
+    floor = layers_mod.FLAT_TAPS_MIN_CHANNELS
+    for c, flat in ((floor - 1, False), (floor, True)):
+        x, k = jnp.ones((1, 6, 6, c)), jnp.ones((3, 3, c, c))
+        jaxpr = jax.make_jaxpr(jax.grad(lambda k, x=x: jnp.sum(layers_mod.conv2d(x, k, "SAME", "tuned")), 0))(k)
+        assert len([s for s in _dots(jaxpr.jaxpr) if s == (c, c)]) == (9 if flat else 0)
+
+
+def test_denoise_config_passes_conv_to_every_frame_conv(monkeypatch):
     from cinema_jax.config import apply_overrides, load_base
+
+    monkeypatch.setattr(layers_mod, "FLAT_TAPS_MIN_CHANNELS", 1)  # the smoke model's widths are under the floor
     from cinema_jax.tasks import get_task
 
     path = str(Path(__file__).resolve().parents[2] / "configs" / "denoise.py:smoke")
