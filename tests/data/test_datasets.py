@@ -327,6 +327,32 @@ def test_frame_records_across_several_files(tmp_path):
         np.testing.assert_allclose(D.frame_of(rec["v_t"], t), cines[i][..., t], atol=0.5 / 255)
 
 
+def test_frame_records_are_compressed_and_corruption_is_a_data_error(tmp_path):
+    """The companion file is zstd'd per record (raw npz members inside): a compressible cine shrinks, and flipped
+    bytes surface as a DataError naming the frame record, not a crash or silent garbage."""
+    import io
+    import zipfile
+
+    cine = np.zeros((256, 256, 8), np.float32)
+    cine[90:150, 80:160] = np.linspace(0, 1, 8)  # mostly background, as a cardiac frame
+    path = tmp_path / "z.array_record"
+    D.write_arrayrecord(path, [{"pid": "s0", "v_t": cine}], quantize=("v_t",), frames=("v_t",), frame_records=True)
+    frames = D.frames_path(path)
+    assert frames.stat().st_size < cine.size // 2  # uint8 raw: cine.size bytes (the file pads to 64 kB blocks)
+    src = D.ArrayRecordSource(path)
+    np.testing.assert_allclose(D.frame_of(src[0]["v_t"], 5), cine[..., 5], atol=0.5 / 255)
+    members = zipfile.ZipFile(io.BytesIO(src._frames[0][5])).infolist()  # the npz inside: stored, not deflated
+    assert members and all(m.compress_type == zipfile.ZIP_STORED for m in members)
+    data = bytearray(frames.read_bytes())
+    for i in range(200, len(data) - 200, 997):
+        data[i] ^= 0xFF
+    frames.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="cannot read frame record"):
+        rec = D.ArrayRecordSource(path)[0]
+        for t in range(8):
+            D.frame_of(rec["v_t"], t)
+
+
 def test_make_source_dispatch(tmp_path):
     D.write_arrayrecord(tmp_path / "train.array_record", _records(3))
     src = D.make_source({"source": "arrayrecord", "path": str(tmp_path)}, "train")
