@@ -152,7 +152,12 @@ _CONV_DIMS = {1: ("NHC", "HIO", "NHC"), 2: ("NHWC", "HWIO", "NHWC"), 3: ("NHWDC"
 
 
 def _depth_planes_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int) -> Array:
-    """3-D conv (depth stride 1) = sum over depth taps of 2-D convs over (B*Z) of depth-shifted input planes."""
+    """3-D conv (depth stride 1) as 2-D convs over (B*Z) of depth-shifted input planes.
+
+    groups == 1: one 2-D conv whose input channels stack the kz shifted planes (kz*C, depth-tap major), kernel
+    (kx, ky, kz*C, O); its kernel gradient is then one wide XLA conv instead of kz narrow ones (ConvUNetR 3x3x3,
+    forward + backward under the checkpoint of `_lax_conv`: 1.45 vs 1.62 s at 2x192x192x16x32, 1.14 vs 1.42 s at
+    96^2 x 64; the seg step 32.0 vs 34.0 s; notes/perf.md). Grouped convs sum one 2-D conv per depth tap."""
     kz = w.shape[2]
     if isinstance(padding, str):
         lo, hi = ((kz - 1) // 2, kz // 2) if padding == "SAME" else (0, 0)  # lax's SAME split at stride 1
@@ -164,6 +169,10 @@ def _depth_planes_conv(x: Array, w: Array, strides: tuple[int, ...], padding, gr
     b, nx, ny, nzp, c = x.shape
     nz = nzp - kz + 1
     planes = x.transpose(0, 3, 1, 2, 4)  # (B, Z, X, Y, C)
+    if groups == 1 and kz > 1:
+        stack = jnp.concatenate([planes[:, dz:dz + nz] for dz in range(kz)], -1).reshape(b * nz, nx, ny, kz * c)
+        y = _lax_conv(stack, w.reshape(w.shape[:2] + (kz * c, w.shape[-1])), strides[:2], pad2, 1)
+        return y.reshape((b, nz) + y.shape[1:]).transpose(0, 2, 3, 1, 4)
     y = None
     for dz in range(kz):
         plane = planes[:, dz:dz + nz].reshape(b * nz, nx, ny, c)
@@ -245,14 +254,16 @@ def conv2d(x: Array, w: Array, padding=((0, 0), (0, 0)), impl: str | None = None
 
 
 def _lax_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int, tuned: bool = True) -> Array:
-    """lax conv, channel-last. `tuned`: a 3-D kernel with depth stride 1 runs as 2-D convs over (B*Z), one per depth
-    tap, summed: XLA:CPU's 3-D conv path is ~3x slower forward and backward (ConvUNetR 3x3x3, notes/perf.md)."""
+    """lax conv, channel-last. `tuned`: a 3-D kernel with depth stride 1 runs as 2-D convs over (B*Z) planes
+    (`_depth_planes_conv`): XLA:CPU's 3-D conv path is ~3-5x slower forward and backward (ConvUNetR 3x3x3,
+    notes/perf.md)."""
     nd = x.ndim - 2
     if tuned and nd == 3 and strides[2] == 1:
         planes_conv = functools.partial(_depth_planes_conv, strides=strides, padding=padding, groups=groups)
         if w.shape[2] == 1:
             return planes_conv(x, w)
-        # the per-tap input slices are copies: rematerialise them in backward so only x is kept (as XLA's 3-D conv)
+        # the stacked / per-tap input planes are copies: rematerialise them in backward so only x is kept (as XLA's
+        # 3-D conv); without it the seg step was no faster (34.0 s) and as large
         return jax.checkpoint(planes_conv)(x, w)
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_CONV_DIMS[nd],
                                         feature_group_count=groups)

@@ -79,8 +79,8 @@ def test_mae_stem_lowering_follows_conv_impl():
 
 
 def test_convunetr_decoder_lowering_follows_conv_impl():
-    """ConvUNetR's 3x3x3 convs are XLA 3-D convs (forward and backward) under 'xla' only, per-depth-tap 2-D convs
-    under 'tuned'; the outputs agree."""
+    """ConvUNetR's 3x3x3 convs are XLA 3-D convs (forward and backward) under 'xla' only, 2-D convs over depth
+    planes (the three depth taps stacked in the channels) under 'tuned'; the outputs agree."""
     images = _images(["sax"], batch=1)
     cfg = dict(TINY, views=["sax"], out_chans=3, dec_chans=[4, 8, 8, 16, 16])
     models = {impl: build_convunetr(cfg, conv_impl=impl) for impl in ("tuned", "xla")}
@@ -93,6 +93,7 @@ def test_convunetr_decoder_lowering_follows_conv_impl():
         grad = jax.grad(lambda p, m=model: jnp.sum(out(m, p)))
         kernels = [k for k, _ in _convs(jax.make_jaxpr(grad)(params).jaxpr)]
         assert any(len(k) == 5 and k[:3] == (3, 3, 3) for k in kernels) == (impl == "xla"), impl
+        assert ((3, 3, 12, 4) in kernels) == (impl == "tuned")  # 4 -> 4 channels: three depth taps stacked
     with jax.default_matmul_precision("float32"):
         np.testing.assert_allclose(jax.jit(lambda p: out(models["tuned"], p))(params),
                                    jax.jit(lambda p: out(models["xla"], p))(params), rtol=1e-4, atol=1e-5)
