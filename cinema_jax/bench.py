@@ -393,11 +393,12 @@ def run_train_step(config) -> dict[str, Any]:
         losses.append(float(metrics["loss"]))
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     profile = None
-    if str(config.get("profile_dir", "") or ""):  # one more step, traced (not among the timed ones)
+    profiled = bool(str(config.get("profile_dir", "") or ""))
+    hlo_text = compiled.as_text() if (profiled or config.hlo_stats) else ""  # printed once: it is tens of MB
+    if profiled:  # one more step, traced (not among the timed ones)
         from cinema_jax.step_profile import profile_step
 
-        traced = profile_step(compiled, (state, batch), config.profile_dir, compiled.as_text(),
-                              int(config.profile_depth))
+        traced = profile_step(compiled, (state, batch), config.profile_dir, hlo_text, int(config.profile_depth))
         state, metrics = traced["outputs"]
         profile = traced["summary"]
     step_s = statistics.median(times)
@@ -434,7 +435,7 @@ def run_train_step(config) -> dict[str, Any]:
     if profile is not None:
         out["profile"] = profile
     if config.hlo_stats:
-        coll = hlo_collectives(compiled.as_text())
+        coll = hlo_collectives(hlo_text)
         out["collectives"] = {op: {"count": v["count"], "bytes": v["bytes"]} for op, v in coll.items()}
         total = sum(v["bytes"] for v in coll.values())
         out["collective_bytes_per_device"] = total

@@ -204,8 +204,8 @@ def _flat_taps_kernel_grad(xp: Array, g: Array, k: tuple[int, int]) -> Array:
     return acc.reshape(kh, kw, c, o)
 
 
-def _xla_conv2d_valid(x: Array, w: Array) -> Array:
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_CONV_DIMS[2])
+def _xla_conv2d(x: Array, w: Array, padding="VALID") -> Array:
+    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_CONV_DIMS[2])
 
 
 @jax.custom_vjp
@@ -215,18 +215,18 @@ def _conv2d_valid(x: Array, w: Array) -> Array:
     XLA:CPU computes the kernel gradient as a convolution whose window is the whole image (64x64 for the denoiser),
     at ~70 GFLOP/s where a matmul runs at ~190: 62 % of the traced op time of the denoiser's step (notes/perf.md).
     Isolated, the row-slice matmuls were 2.5-3x faster for C <= O; in the whole step, 11-15 %."""
-    return _xla_conv2d_valid(x, w)
+    return _xla_conv2d(x, w)
 
 
 def _conv2d_valid_fwd(x, w):
-    return _xla_conv2d_valid(x, w), (x, w)
+    return _xla_conv2d(x, w), (x, w)
 
 
 def _conv2d_valid_bwd(res, g):
     x, w = res
     dw = _flat_taps_kernel_grad(x, g, w.shape[:2]).astype(w.dtype)
     dw, g = jax.lax.optimization_barrier((dw, g))  # kernel gradient first: x is freed before dx is made
-    dx = jax.vjp(lambda a: _xla_conv2d_valid(a, w), x)[1](g)[0]
+    dx = jax.vjp(lambda a: _xla_conv2d(a, w), x)[1](g)[0]
     return dx, dw
 
 
@@ -249,8 +249,7 @@ def conv2d(x: Array, w: Array, padding=((0, 0), (0, 0)), impl: str | None = None
         if any(p for pair in padding for p in pair):
             x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
         return _conv2d_valid(x, w)
-    return jax.lax.conv_general_dilated(x, w, (1, 1), tuple(tuple(p) for p in padding),
-                                        dimension_numbers=_CONV_DIMS[2])
+    return _xla_conv2d(x, w, tuple(tuple(p) for p in padding))
 
 
 def _lax_conv(x: Array, w: Array, strides: tuple[int, ...], padding, groups: int, tuned: bool = True) -> Array:
