@@ -13,7 +13,16 @@ step its pretraining loop runs: forward with mask ratio 0.75, backward, gradient
 0.95, weight decay 0.05 without bias/norm). It prints one JSON line with the fields our bench uses for the same step
 (`python -m cinema_jax.bench --config=configs/bench.py:mae_base --config.remat=block`): step_time_s (median),
 samples_per_s, flops_per_step (torch's FlopCounterMode over one step), achieved_flops_per_s, and the float32 peak of
-a 2048^2 matmul measured in the same run.
+a 2048^2 matmul measured in the same run, and `mkl_isa`: the code path MKL's sgemm took (from its verbose banner).
+
+On AMD CPUs MKL takes a generic AVX2 path unless it believes the CPU is Intel's. For a like-for-like comparison
+with XLA (whose dots use AVX-512 there), interpose MKL's vendor check, which libtorch_cpu exports:
+
+    printf 'int mkl_serv_intel_cpu_true(void){return 1;}\nint mkl_serv_intel_cpu(void){return 1;}\n' > shim.c
+    gcc -shared -fPIC -O2 -o /tmp/libmkl_intel_shim.so shim.c
+    LD_PRELOAD=/tmp/libmkl_intel_shim.so PYTHONPATH=... python tools/torch_reference_bench.py ...
+
+`mkl_isa` then names AVX-512 and the matmul peak roughly doubles (Zen 5: 195-205 -> 458-468 GFLOP/s).
 """
 
 from __future__ import annotations
@@ -36,6 +45,29 @@ def _matmul_peak(torch, n: int = 2048, reps: int = 5) -> float:
         a @ b
         ts.append(time.perf_counter() - t0)
     return 2 * n**3 / min(ts)  # fastest call, as cinema_jax.bench.matmul_peak
+
+
+def _mkl_isa(torch) -> str:
+    """The ISA banner MKL prints in verbose mode ('Intel(R) Advanced Vector Extensions 512 ...' or the generic
+    'Intel(R) Architecture processors'): MKL writes it to the C stdout, so capture file descriptor 1."""
+    import tempfile
+
+    a = torch.randn(64, 64)
+    with tempfile.TemporaryFile() as f:
+        saved = os.dup(1)
+        os.dup2(f.fileno(), 1)
+        try:
+            with torch.backends.mkl.verbose(torch.backends.mkl.VERBOSE_ON):
+                a @ a
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+    for line in text.splitlines():
+        if "architecture" in line:
+            return line.split("architecture", 1)[1].split(", Lnx")[0].strip()
+    return "unknown"
 
 
 def _host_malloc() -> str:
@@ -105,7 +137,7 @@ def main() -> None:
         "samples_per_s": args.batch / t, "flops_per_step": flops, "achieved_flops_per_s": flops / t,
         "matmul_peak_flops_per_s": peak, "peak_fraction": flops / t / peak,
         "n_params": sum(p.numel() for p in model.parameters()),
-        "host_malloc": _host_malloc(),
+        "host_malloc": _host_malloc(), "mkl_isa": _mkl_isa(torch),
         "host_cpu_s_per_step": {"user": (ru1.ru_utime - ru0.ru_utime) / len(times),
                                 "sys": (ru1.ru_stime - ru0.ru_stime) / len(times)},
     }), flush=True)
