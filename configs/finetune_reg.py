@@ -18,7 +18,7 @@ def _base() -> ml_collections.ConfigDict:
     c.task = "regress"
     c.seed = 0
     c.total_steps = 5000
-    c.batch_size = 4
+    c.batch_size = 64  # global batch per optimizer step (the reference's batch_size)
     c.log_every = 50
     c.checkpoint_every = 200
     c.eval_every = 200
@@ -29,7 +29,7 @@ def _base() -> ml_collections.ConfigDict:
     c.remat = "none"
     c.attention = "explicit"  # softmax attention: explicit (head-major, hand-written grad) | xla | cudnn (GPU)
     c.conv = "auto"  # conv lowering: auto (tuned on CPU, xla on GPU/TPU) | tuned | xla (models.layers.Conv)
-    c.grad_accum = 16
+    c.grad_accum = 16  # reference: 4 per device x 16 accumulation = 64: micro-batches of 4
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=1e-5, warmup_steps=100, weight_decay=0.05, b1=0.9,
                                              b2=0.95, clip_norm=5.0, layer_decay=0.75, schedule="cosine"))
     c.model = ml_collections.ConfigDict(dict(
