@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,48 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
             v = int(config.mesh[axis])
             if v == 0 or v < -1:
                 raise ConfigError(f"config key 'mesh.{axis}' must be >= 1 or -1, got {v}")
+    if isinstance(config.get("optim"), ml_collections.ConfigDict):
+        _validate_optim(config.optim)
+    data = config.get("data")
+    if isinstance(data, ml_collections.ConfigDict) and "views" in data:
+        _validate_views(data.views)
+
+
+def _number(key: str, value: Any) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
+    return x
+
+
+def _validate_optim(optim: ml_collections.ConfigDict) -> None:
+    """Values that would otherwise train to NaN or diverge silently (a negative lr ascends the loss)."""
+    for key in ("lr", "min_lr", "weight_decay", "clip_norm", "layer_decay", "warmup_steps"):
+        if key in optim and optim[key] is not None and _number(f"optim.{key}", optim[key]) < 0:
+            raise ConfigError(f"config key 'optim.{key}' must be >= 0, got {optim[key]}")
+    for key in ("b1", "b2"):
+        if key in optim and not 0 <= _number(f"optim.{key}", optim[key]) < 1:
+            raise ConfigError(f"config key 'optim.{key}' must be in [0, 1), got {optim[key]}")
+    if "eps" in optim and _number("optim.eps", optim.eps) <= 0:
+        raise ConfigError(f"config key 'optim.eps' must be > 0, got {optim.eps}")
+    if "schedule" in optim and optim.schedule not in ("cosine", "constant"):
+        raise ConfigError(f"config key 'optim.schedule' must be cosine or constant, got {optim.schedule!r}")
+
+
+def _validate_views(views: Any) -> None:
+    """Known view names, checked up front: an unknown one would otherwise fail inside a data worker mid-run."""
+    from cinema_jax.data.phantom import VIEWS
+
+    names = [views] if isinstance(views, str) else list(views or ())
+    bad = [v for v in names if v not in VIEWS]
+    if not names or bad:
+        raise ConfigError(f"config key 'data.views': unknown view {bad[0]!r}; choose from {', '.join(VIEWS)}" if bad
+                          else "config key 'data.views' must name at least one view")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'data.views' repeats a view: {list(names)}")
 
 
 def to_plain(config) -> Any:

@@ -14,11 +14,34 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from cinema_jax.errors import CinemaError
+
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """`mkdir -p path`, but a file in the way or a missing permission is a one-line CinemaError (a user's wrong
+    output path), not an OSError traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a directory" if blocker is not None else (e.strerror or str(e))
+        raise CinemaError(f"cannot create directory {path}: {why}") from None
+    return path
+
+
+def _mktemp(make, where: Path, target: Path):
+    """`tempfile.mkstemp` / `mkdtemp` beside `target`; an unwritable directory is a CinemaError."""
+    try:
+        return make(where)
+    except OSError as e:
+        raise CinemaError(f"cannot write {target}: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -29,9 +52,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     the extension keep working.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise CinemaError(f"output file {path} is an existing directory")
+    ensure_dir(path.parent)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = _mktemp(lambda d: tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=d),
+                      path.parent, path)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should get the usual permissions
@@ -56,12 +82,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path` (which must not exist unless `overwrite`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():  # never replaced, not even with `overwrite`: likely a wrong path
+        raise CinemaError(f"output directory {path} is an existing file")
+    ensure_dir(path.parent)
     if path.exists() and not overwrite and any(path.iterdir()):
-        from cinema_jax.errors import CinemaError
-
         raise CinemaError(f"output directory {path} already exists and is not empty")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(_mktemp(lambda d: tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=d), path.parent, path))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

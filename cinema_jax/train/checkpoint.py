@@ -12,7 +12,10 @@ Why Orbax: async, multi-host, sharding-aware saves and restores onto a different
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +65,8 @@ def restore_train(manager: ocp.CheckpointManager, step: int, abstract_state: Any
     if data_iter is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
-        out = manager.restore(step, args=ocp.args.Composite(**args))
+        with _quiet_reads():
+            out = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - any mismatch is reported as one line
         raise CheckpointError(f"cannot resume from {manager.directory}/{step}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''} (different config or model?)") from None
@@ -110,13 +114,54 @@ def save_params(directory: str | Path, params: Any, config: Any, metrics: dict |
     return directory
 
 
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets its still-pending tasks finish before it closes.
+
+    Orbax runs a restore in a fresh loop and closes it as soon as one read fails (`asyncio.gather` without
+    `return_exceptions`); the other tensorstore reads then complete onto the closed loop and print "RuntimeError:
+    Event loop is closed" tracebacks after the one-line error. Draining first keeps a failed restore quiet."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            if pending:
+                done, _ = self.run_until_complete(asyncio.wait(pending, timeout=60))
+                for t in done:  # retrieved: no "Task exception was never retrieved" log either
+                    if not t.cancelled():
+                        t.exception()
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _quiet_reads():
+    """Orbax's event loops drain before closing (see `_DrainingLoop`); absl's warning that precedes a metadata
+    failure is held back (the CheckpointError says it in one line)."""
+    policy, absl = asyncio.get_event_loop_policy(), logging.getLogger("absl")
+    level = absl.level
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    absl.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(policy)
+        absl.setLevel(level)
+
+
 def _numpy_restore(path: Path, subtree: str | None = None) -> Any:
     """Restore an Orbax pytree (or one top-level subtree) as host numpy arrays, whatever mesh saved it."""
     mp = _single_process_options()
     ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp)
-    try:
+    with _quiet_reads(), contextlib.closing(ckptr):
         meta = ckptr.metadata(path)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        meta = meta.item_metadata if hasattr(meta, "item_metadata") else meta
+        tree = getattr(meta, "tree", None)
+        if tree is None:  # e.g. _METADATA deleted: Orbax returns no tree rather than raising
+            raise CheckpointError(f"checkpoint {path} is incomplete or corrupt (no Orbax metadata)")
         if subtree is not None:
             if subtree not in tree:
                 raise CheckpointError(f"checkpoint {path} has no {subtree!r} entry")
@@ -124,19 +169,48 @@ def _numpy_restore(path: Path, subtree: str | None = None) -> Any:
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=tree, restore_args=restore_args,
                                                               partial_restore=subtree is not None))
-    finally:
-        ckptr.close()
     return out[subtree] if subtree is not None else out
 
 
-def _read_config(*candidates: Path):
+def _read_config(*candidates: Path, required: bool = False):
+    """The first existing candidate as a ConfigDict; an empty one when none exists (params are usable without it:
+    `init_from`, `convert export`) unless `required`, which names the missing file."""
     for c in candidates:
         if c.is_file():
             try:
-                return from_plain(json.loads(c.read_text()))
+                data = json.loads(c.read_text())
             except (OSError, ValueError) as e:
                 raise CheckpointError(f"unreadable config {c}: {e}") from None
+            if not isinstance(data, dict):
+                raise CheckpointError(f"config {c} is not a JSON object (holds a {type(data).__name__})")
+            try:
+                return from_plain(data)
+            except Exception as e:  # noqa: BLE001 - keys/values ConfigDict refuses
+                raise CheckpointError(f"unusable config {c}: {type(e).__name__}: {e}") from None
+    if required:
+        raise CheckpointError(f"config.json is missing: no {' or '.join(map(str, candidates))} (training writes the "
+                              f"run's resolved config there)")
     return from_plain({})
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    from flax.traverse_util import flatten_dict
+
+    tree = tree.get("params", tree) if isinstance(tree, dict) else tree
+    return {"/".join(map(str, k)): tuple(np.shape(v)) for k, v in flatten_dict(tree).items()}
+
+
+def check_params(params: Any, abstract: Any, where: Any) -> None:
+    """CheckpointError naming the first difference when `params` lack the paths/shapes of `abstract` (the params the
+    config's model would init): one line instead of a flax scope error from deep inside `apply`."""
+    have, want = _shapes(params), _shapes(abstract)
+    if have == want:
+        return
+    missing = sorted(set(want) - set(have))
+    bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    detail = (f"missing {missing[0]}" if missing else f"{bad[0]}: {have[bad[0]]} vs {want[bad[0]]}" if bad
+              else f"unexpected {sorted(set(have) - set(want))[0]}")
+    raise CheckpointError(f"{where}: parameters do not match the model in its config ({detail})")
 
 
 def latest_step_dir(workdir: Path) -> Path | None:
@@ -167,16 +241,19 @@ def resolve(path: str | Path) -> tuple[str, Path]:
                           f"a checkpoints/<step> dir, or a params export with params/ and config.json)")
 
 
-def load_params(path: str | Path) -> tuple[Any, Any]:
-    """(unboxed numpy params, ConfigDict) from a workdir (best, else latest step), a step dir or a params export."""
+def load_params(path: str | Path, require_config: bool = False) -> tuple[Any, Any]:
+    """(unboxed numpy params, ConfigDict) from a workdir (best, else latest step), a step dir or a params export.
+
+    Without `require_config` a missing config.json gives an empty ConfigDict (the params alone are enough for
+    `init_from` and exports)."""
     kind, where = resolve(path)
     try:
         if kind == "params":
+            config = _read_config(where / CONFIG_JSON, where.parent / CONFIG_JSON, required=require_config)
             params = _numpy_restore(where / PARAMS)
-            config = _read_config(where / CONFIG_JSON, where.parent / CONFIG_JSON)
         else:
+            config = _read_config(where.parent.parent / CONFIG_JSON, required=require_config)
             params = _numpy_restore(where / "state", "params")
-            config = _read_config(where.parent.parent / CONFIG_JSON)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - unreadable / foreign directories

@@ -82,11 +82,14 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        """Idempotent. Must run on every exit path: an open TensorBoard writer's atexit hook prints a traceback."""
         if not self.active:
             return
+        self.active = False
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def progress_bar(total: int, initial: int, active: bool):

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,10 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from cinema_jax.config import to_plain
+from cinema_jax.config import to_plain, validate_common
 from cinema_jax.data import pipeline
-from cinema_jax.errors import ConfigError
-from cinema_jax.fileutil import write_text_atomic
+from cinema_jax.errors import CheckpointError, ConfigError
+from cinema_jax.fileutil import ensure_dir, write_text_atomic
 from cinema_jax.tasks import get_task
 from cinema_jax.train import checkpoint as ckpt
 from cinema_jax.train import sharding as shd
@@ -90,6 +90,35 @@ def _cfg(config, key, default):
     return config[key] if key in config else default
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err)
+    return text.splitlines()[0] if text else ""
+
+
+@contextmanager
+def _building(what: str):
+    """A ValueError/TypeError while building `what` from the config (a model size the factory refuses, a mask ratio
+    out of range, an image size the patches do not tile) is a config problem: ConfigError with the original message.
+    Only the build is wrapped; errors raised while training stay ordinary exceptions."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the config does not build the {what}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _model_init(task, model, config):
+    """`init(key) -> boxed params` on a batch of one, with every rng a task's model may ask for."""
+    inputs = task.model_inputs(task.example_batch(config, 1))
+
+    def init(key):
+        k = jax.random.split(key, 4)
+        variables = model.init({"params": k[0], "mask": k[1], "dropout": k[2], "droppath": k[3]}, **inputs,
+                               train=False)
+        return variables["params"]
+
+    return init
+
+
 # ------------------------------------------------------------------------------------------------ setup
 class Setup:
     """Everything `train` and the tests need: task, model, mesh, shardings, optimizer, jitted step."""
@@ -115,16 +144,7 @@ class Setup:
         return stack
 
     def _init_fn(self):
-        example = self.task.example_batch(self.config, 1)
-        inputs = self.task.model_inputs(example)
-
-        def init(key):
-            k = jax.random.split(key, 4)
-            variables = self.model.init({"params": k[0], "mask": k[1], "dropout": k[2], "droppath": k[3]},
-                                        **inputs, train=False)
-            return variables["params"]
-
-        return init
+        return _model_init(self.task, self.model, self.config)
 
     def init_state(self) -> dict:
         """Sharded train state at step 0 (params from init or `config.init_from`'s encoder)."""
@@ -221,18 +241,34 @@ def run_eval(setup: Setup, params, split: str = "val") -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ train
+def _check_workdir(workdir: Path, config) -> None:
+    """Create `workdir`; refuse one that holds checkpoints of another task (resuming would fail, and a config.json
+    rewritten for the new task would make the old run's params unusable for `eval`/`infer`)."""
+    ensure_dir(workdir)
+    if ckpt.latest_step_dir(workdir) is None and not (workdir / ckpt.BEST / ckpt.PARAMS).is_dir():
+        return
+    try:
+        old = json.loads((workdir / ckpt.CONFIG_JSON).read_text()).get("task")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config.json: the restore decides (config.json is only rewritten after it succeeds)
+    new = config.get("task")
+    if old is not None and old != new:
+        raise ConfigError(f"{workdir} holds a {old!r} run; task {new!r} cannot resume it (use another --workdir)")
+
+
 def train(config, workdir: str | os.PathLike) -> dict:
     """Train `config.task` into `workdir`; re-running on the same workdir resumes from the latest checkpoint.
 
     Returns a summary dict (last step, last logged metrics, best eval metric).
     """
+    validate_common(config)  # library callers too, not only `load_config`
     maybe_initialize_distributed(config)
     workdir = Path(workdir).absolute()
     main = jax.process_index() == 0
     if main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(workdir / ckpt.CONFIG_JSON, json.dumps(to_plain(config), indent=1))
-    setup = Setup(config)
+        _check_workdir(workdir, config)
+    with _building("model"):
+        setup = Setup(config)
     task = setup.task
     total = int(config.total_steps)
     log_every = int(_cfg(config, "log_every", 0))
@@ -245,99 +281,108 @@ def train(config, workdir: str | os.PathLike) -> dict:
     patience = int(es.get("patience", 0) or 0)
     min_delta = float(es.get("min_delta", 0.0) or 0.0)
 
-    with setup.context():
-        state = setup.init_state()
+    # everything opened below is closed on any exit (a TensorBoard writer left open prints an atexit traceback)
+    with setup.context(), ExitStack() as cleanup:
+        with _building("initial state"):
+            state = setup.init_state()
         train_step = setup.make_step()
         block, n_blocks = shd.process_batch_block(int(config.batch_size), setup.batch_sharding)
         # batches are sharded onto the mesh `device_prefetch` steps ahead; the checkpointed Grain state stays that of
         # the next batch the step will consume (train/prefetch.py)
-        data_iter = DevicePrefetch(pipeline.train_iterator(task, config, block, n_blocks),
-                                   lambda b: shd.shard_batch(b, setup.batch_sharding),
-                                   int(_cfg(config.data, "device_prefetch", 2) or 1))
+        with _building("data pipeline"):
+            data_iter = DevicePrefetch(pipeline.train_iterator(task, config, block, n_blocks),
+                                       lambda b: shd.shard_batch(b, setup.batch_sharding),
+                                       int(_cfg(config.data, "device_prefetch", 2) or 1))
+        cleanup.callback(data_iter.close)
         manager = ckpt.make_manager(workdir, int(_cfg(config, "keep_checkpoints", 3)))
+        cleanup.callback(manager.close)
+        cleanup.callback(manager.wait_until_finished)
         meta = {"best": None, "bad_evals": 0, "stopped": False}
         start = 0
         latest = manager.latest_step()
         if latest is not None:
             state, meta = ckpt.restore_train(manager, latest, setup.abstract_state, data_iter)
             start = int(latest)
+        if main:  # only now: a failed restore leaves the run's config.json as it was
+            write_text_atomic(workdir / ckpt.CONFIG_JSON, json.dumps(to_plain(config), indent=1))
         writer = MetricsWriter(workdir, active=main, resume_step=start)
+        cleanup.callback(writer.close)
         vis_batch = None
         if image_every and main:
             # the first eval batch (same shapes as eval: the task's jitted forward is reused, no extra compile)
             vis_batch = next(iter(pipeline.eval_batches(task, config, "val")), None)
         images_per_sample = int(task.images_per_sample(config)) if hasattr(task, "images_per_sample") else 1
         bar = progress_bar(total, start, main)
+        cleanup.callback(bar.close)
         step = start
         last: dict[str, Any] = {}
         t_last, n_since, wait = time.perf_counter(), 0, 0.0
         stopped = bool(meta.get("stopped", False))
-        try:
-            while step < total and not stopped:
-                t_wait = time.perf_counter()
-                batch = next(data_iter)  # host pipeline + device copy; the step itself is dispatched asynchronously
-                wait += time.perf_counter() - t_wait
-                state, metrics = train_step(state, batch)
-                step += 1
-                n_since += 1
-                bar.update(1)
-                if log_every and (step % log_every == 0 or step == total):
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.perf_counter()
-                    dt = max(now - t_last, 1e-9)
-                    values["steps_per_s"] = n_since / dt
-                    values["images_per_s"] = n_since * int(config.batch_size) * images_per_sample / dt
-                    # share of wall time spent waiting for input: near 0 means the step, not data, sets the pace
-                    values["data_wait_frac"] = min(wait / dt, 1.0)
-                    t_last, n_since, wait = now, 0, 0.0
-                    writer.write(step, values)
-                    bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
-                    last = values
-                t_pause = time.perf_counter()  # eval, pictures and checkpoints are left out of the throughput window
-                if eval_every and (step % eval_every == 0 or step == total):
-                    params, ctx = _eval_params(state["params"])
+        while step < total and not stopped:
+            t_wait = time.perf_counter()
+            batch = next(data_iter)  # host pipeline + device copy; the step itself is dispatched asynchronously
+            wait += time.perf_counter() - t_wait
+            state, metrics = train_step(state, batch)
+            step += 1
+            n_since += 1
+            bar.update(1)
+            if log_every and (step % log_every == 0 or step == total):
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                dt = max(now - t_last, 1e-9)
+                values["steps_per_s"] = n_since / dt
+                values["images_per_s"] = n_since * int(config.batch_size) * images_per_sample / dt
+                # share of wall time spent waiting for input: near 0 means the step, not data, sets the pace
+                values["data_wait_frac"] = min(wait / dt, 1.0)
+                t_last, n_since, wait = now, 0, 0.0
+                writer.write(step, values)
+                bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
+                last = values
+            t_pause = time.perf_counter()  # eval, pictures and checkpoints are left out of the throughput window
+            if eval_every and (step % eval_every == 0 or step == total):
+                params, ctx = _eval_params(state["params"])
+                with ctx:
+                    ev = run_eval(setup, params)
+                if ev:
+                    writer.write(step, ev, prefix="eval/")
+                    value = ev.get(es_metric)
+                    if value is not None and _better(value, meta.get("best"), es_mode, min_delta):
+                        meta["best"], meta["bad_evals"] = float(value), 0
+                        if main:
+                            ckpt.save_params(workdir / ckpt.BEST, params, config,
+                                             metrics={"step": step, **ev})
+                    elif value is not None:
+                        meta["bad_evals"] = int(meta.get("bad_evals", 0)) + 1
+                        if patience and meta["bad_evals"] >= patience:
+                            stopped = meta["stopped"] = True
+            if image_every and step % image_every == 0:
+                params, ctx = _eval_params(state["params"])
+                if main and vis_batch is not None:
                     with ctx:
-                        ev = run_eval(setup, params)
-                    if ev:
-                        writer.write(step, ev, prefix="eval/")
-                        value = ev.get(es_metric)
-                        if value is not None and _better(value, meta.get("best"), es_mode, min_delta):
-                            meta["best"], meta["bad_evals"] = float(value), 0
-                            if main:
-                                ckpt.save_params(workdir / ckpt.BEST, params, config,
-                                                 metrics={"step": step, **ev})
-                        elif value is not None:
-                            meta["bad_evals"] = int(meta.get("bad_evals", 0)) + 1
-                            if patience and meta["bad_evals"] >= patience:
-                                stopped = meta["stopped"] = True
-                if image_every and step % image_every == 0:
-                    params, ctx = _eval_params(state["params"])
-                    if main and vis_batch is not None:
-                        with ctx:
-                            task.visualize(setup.model, params, vis_batch, jax.random.key(0),
-                                           workdir / "images" / f"step_{step:07d}.png")
-                if (ckpt_every and step % ckpt_every == 0) or step == total or stopped:
-                    ckpt.save_train(manager, step, state, data_iter, dict(meta))
-                t_last += time.perf_counter() - t_pause
-        finally:
-            bar.close()
-            manager.wait_until_finished()
-            manager.close()
-            writer.close()
-            data_iter.close()
+                        task.visualize(setup.model, params, vis_batch, jax.random.key(0),
+                                       workdir / "images" / f"step_{step:07d}.png")
+            if (ckpt_every and step % ckpt_every == 0) or step == total or stopped:
+                ckpt.save_train(manager, step, state, data_iter, dict(meta))
+            t_last += time.perf_counter() - t_pause
     return {"step": step, "last": last, "best": meta.get("best"), "stopped": stopped}
 
 
 def evaluate_workdir(workdir: str | os.PathLike, split: str = "val") -> dict[str, float]:
     """Evaluate a run's best (else latest) params on `split`; writes `<workdir>/eval_<split>.json`."""
     workdir = Path(workdir).absolute()
-    params, config = ckpt.load_params(workdir)
+    params, config = ckpt.load_params(workdir, require_config=True)
     if "task" not in config:
         raise ConfigError(f"{workdir}/config.json has no 'task'")
     task = get_task(config.task)
-    if hasattr(task, "configure"):
-        task.configure(config)
-    model = task.make_model(config)
+    try:
+        if hasattr(task, "configure"):
+            task.configure(config)
+        model = task.make_model(config)
+        abstract = jax.eval_shape(_model_init(task, model, config), jax.random.key(0))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{workdir}: its config does not build a model ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
+    ckpt.check_params(params, shd.strip_boxes(abstract), workdir)
     metrics = task.evaluate(model, params, pipeline.eval_batches(task, config, split), config)
     metrics = {k: float(v) for k, v in dict(metrics or {}).items()}
     write_text_atomic(workdir / f"eval_{split}.json", json.dumps({"split": split, **metrics}, indent=1))
