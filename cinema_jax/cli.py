@@ -18,6 +18,11 @@ import sys
 from cinema_jax.errors import CinemaError
 
 
+def one_line(err: BaseException) -> str:
+    """The error as one line: messages that embed a parser's multi-line text (yaml, configparser) are joined."""
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
 def _load_config(spec: str | None, overrides: list[str]):
     from cinema_jax.config import load_config
 
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv[1:])
     except CinemaError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

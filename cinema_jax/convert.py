@@ -32,6 +32,9 @@ from cinema_jax.errors import CheckpointError, ConfigError
 DICT_MODULES = ("enc_down", "enc_fusion", "dec_embed", "pred_head", "dec_conv_blocks", "dec_down_blocks",
                 "dec_image_conv_block", "decoder")
 KINDS = ("mae", "convvit", "convunetr")
+VIEWS = ("sax", "lax_2c", "lax_3c", "lax_4c")
+# tasks whose checkpoints hold a CineMA model (the export writes the reference's names for those only)
+CINEMA_TASKS = ("pretrain_mae", "segment", "classify", "regress", "landmark")
 _VIEW_RE = r"(sax|lax_2c|lax_3c|lax_4c|cls)"
 _DICT_RE = re.compile(rf"^({'|'.join(DICT_MODULES)})_{_VIEW_RE}(?:_(\d+))?$")
 _LIST_RE = re.compile(r"^(.*\D)_(\d+)$")
@@ -251,6 +254,10 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], kind: str, meta: Ma
     cfg["patch_size"], cfg["scale_factor"] = patch, scale
 
     sizes = dict(image_size or meta.get("image_size") or {})
+    extra = sorted(set(sizes) - set(views))
+    if image_size and extra:  # a typo'd or absent view would otherwise be ignored silently
+        raise CheckpointError(f"--image-size names view(s) {extra} the state dict does not have (views: "
+                              f"{', '.join(views)})")
     for v in views:
         if v not in sizes:
             pe = _shape(sd, f"enc_down_dict.{v}.pos_embed")
@@ -272,6 +279,9 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], kind: str, meta: Ma
     while f"encoder.blocks.{depth}.attn.q.weight" in sd:
         depth += 1
     table = SIZES.get(size) if size else next((t for t in SIZES.values() if t["enc_embed_dim"] == cls[-1]), None)
+    if size and table and "enc_n_heads" not in meta and table["enc_embed_dim"] != cls[-1]:
+        raise CheckpointError(f"--size {size} has embed dim {table['enc_embed_dim']} but the state dict has "
+                              f"{cls[-1]}; pass the matching --size or --meta with enc_n_heads / dec_n_heads")
     cfg["enc_embed_dim"] = int(meta.get("enc_embed_dim", cls[-1]))
     cfg["enc_depth"] = int(meta.get("enc_depth", depth))
     heads = meta.get("enc_n_heads", table["enc_n_heads"] if table else None)
@@ -389,7 +399,12 @@ def import_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, cfg: Mapp
     model = build_from_config(kind, cfg)
     params, pos = state_dict_to_params(state_dict)
     chans = _in_chans(state_dict, list(model.views))
-    shapes = _cached_shapes(kind, json.dumps(dict(cfg), sort_keys=True, default=list), tuple(sorted(chans.items())))
+    try:  # the model factory checks some dims only at init (e.g. embed dim vs heads)
+        shapes = _cached_shapes(kind, json.dumps(dict(cfg), sort_keys=True, default=list),
+                                tuple(sorted(chans.items())))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: cannot build a {kind} model for these weights ({e}); check --size / "
+                              "--meta") from None
     check_params(params, shapes, source)
     expected = pos_embed_buffers(model, set(params))
     for key, value in pos.items():
@@ -482,9 +497,12 @@ def _load_meta(path: str | None) -> dict | None:
     if not path:
         return None
     try:
-        return json.loads(Path(path).read_text())
+        meta = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read meta file {path}: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"meta file {path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def _parse_sizes(items: list[str] | None) -> dict[str, list[int]] | None:
@@ -499,25 +517,43 @@ def _parse_sizes(items: list[str] | None) -> dict[str, list[int]] | None:
             raise CheckpointError(f"--image-size expects VIEW=X,Y[,Z], got {item!r}") from None
         if not view or not out[view]:
             raise CheckpointError(f"--image-size expects VIEW=X,Y[,Z], got {item!r}")
+        if view not in VIEWS:
+            raise CheckpointError(f"--image-size: unknown view {view!r} in {item!r} (views: {', '.join(VIEWS)})")
+        if len(out[view]) != (3 if view == "sax" else 2) or min(out[view]) < 1:
+            raise CheckpointError(f"--image-size: {view} needs {'X,Y,Z' if view == 'sax' else 'X,Y'} positive "
+                                  f"integers, got {item!r}")
     return out
+
+
+def _check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output before any work: replacing it would delete whatever it holds (e.g. a
+    training workdir given by mistake)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} exists and is not a directory")
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise CheckpointError(f"output directory {out} already exists and is not empty (pass --overwrite to "
+                              "replace it and everything in it)")
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from cinema_jax.train.checkpoint import save_params
 
+    overwrite = bool(getattr(args, "overwrite", False))
+    _check_out_dir(args.out_dir, overwrite)
     if args.kind == "snraware":
         from cinema_jax import convert_snraware
 
         if not args.ref_config:
             raise ConfigError("--kind snraware needs --ref-config (the reference's training .yaml)")
-        return convert_snraware.cmd_import(args.src, args.ref_config, args.out_dir)
+        return convert_snraware.cmd_import(args.src, args.ref_config, args.out_dir, overwrite=overwrite)
 
     sd = load_state_dict(args.src)
     cfg = infer_model_config(sd, args.kind, _load_meta(args.meta), args.size, _parse_sizes(args.image_size))
     _, params = import_state_dict(sd, args.kind, cfg, str(args.src))
     config = {"task": {"mae": "pretrain_mae", "convvit": "classify", "convunetr": "segment"}[args.kind],
               "model_kind": args.kind, "model": cfg, "converted_from": str(args.src)}
-    save_params(args.out_dir, params, config)
+    save_params(args.out_dir, params, config, overwrite=overwrite)
     n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
     print(f"imported {args.kind} ({len(cfg['views'])} views, {n:,} params) from {args.src} -> {args.out_dir}")
     return 0
@@ -529,16 +565,57 @@ def _leaves(tree: Any) -> list:
     return jax.tree_util.tree_leaves(tree)
 
 
-def _kind_from_config(config: Mapping, params: Mapping) -> str:
-    kind = config.get("model_kind") if isinstance(config, Mapping) else None
-    if kind in KINDS:
-        return kind
-    task = config.get("task") if isinstance(config, Mapping) else None
-    if task == "pretrain_mae" or "dec_linear" in params:
-        return "mae"
-    if any(k.startswith("decoder_") for k in params):
-        return "convunetr"
-    return "convvit"
+def _model_kind(model: Any) -> str | None:
+    from cinema_jax.models import CineMA, ConvUNetR, ConvViT
+
+    for cls, kind in ((CineMA, "mae"), (ConvViT, "convvit"), (ConvUNetR, "convunetr")):
+        if isinstance(model, cls):
+            return kind
+    return None
+
+
+def export_model(config: Any, source: str) -> tuple[Any, str]:
+    """-> (model, kind) the checkpoint was trained as: a converted import's own model config, else the task's
+    `make_model` (which adds the trained image sizes from `config.data`; `config.model` alone gives the defaults, so
+    the exported pos_embeds would be wrong). CheckpointError for denoise, unknown or missing tasks."""
+    from cinema_jax.tasks.segment import cfg_get
+
+    kind = cfg_get(config, "model_kind")
+    task = str(cfg_get(config, "task", "") or "")
+    if kind is not None and cfg_get(config, "model") is not None:
+        if kind not in KINDS:
+            raise CheckpointError(f"{source}: config.json has unknown model_kind {kind!r}")
+        model_cfg = cfg_get(config, "model")
+        return build_from_config(kind, model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg), kind
+    if task == "denoise":
+        raise CheckpointError(f"{source}: a denoise (SNRAware) checkpoint; export writes CineMA reference state "
+                              "dicts only (exporting SNRAware weights is not supported)")
+    if not task:
+        raise CheckpointError(f"{source}: no config.json naming the task; export needs the run's config to build "
+                              "its model")
+    if task not in CINEMA_TASKS:
+        raise CheckpointError(f"{source}: task {task!r} cannot be exported (CineMA tasks: {', '.join(CINEMA_TASKS)})")
+    from cinema_jax.tasks import get_task
+
+    try:
+        model = get_task(task).make_model(config)
+    except Exception as e:  # noqa: BLE001 - a config the model factory rejects is a checkpoint problem here
+        raise CheckpointError(f"{source}: its config does not build a model ({type(e).__name__}: {e})") from None
+    kind = _model_kind(model)
+    if kind is None:
+        raise CheckpointError(f"{source}: task {task!r} builds a {type(model).__name__}, which has no reference "
+                              "state dict format")
+    return model, kind
+
+
+def _param_in_chans(params: Mapping, views) -> dict[str, int]:
+    out = {}
+    for v in views:
+        try:
+            out[v] = int(np.shape(params[f"enc_down_{v}"]["conv_blocks_0"]["patch_embed"]["conv"]["kernel"])[-2])
+        except (KeyError, TypeError, IndexError):
+            out[v] = 1  # check_params then names the missing stem
+    return out
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -547,6 +624,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cinema_jax.models.transfer import _strip
     from cinema_jax.train.checkpoint import load_params
 
+    if Path(args.out).suffix != ".safetensors":
+        raise CheckpointError(f"export writes safetensors: the output name must end in .safetensors, got {args.out}")
     try:
         params, config = load_params(args.ckpt_dir)
     except CheckpointError:
@@ -554,14 +633,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - any failure to restore is a checkpoint problem
         raise CheckpointError(f"cannot load checkpoint {args.ckpt_dir}: {type(e).__name__}: {e}") from None
     params = nn.meta.unbox(_strip(params))
-    config = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    kind = args.kind or _kind_from_config(config, params)
-    model = None
-    if config.get("model") is not None:
-        try:
-            model = build_from_config(kind, config["model"])
-        except CheckpointError:
-            model = None
+    model, kind = export_model(config, str(args.ckpt_dir))
+    if args.kind and args.kind != kind:
+        raise CheckpointError(f"{args.ckpt_dir}: holds a {kind} model, not {args.kind} (drop --kind or pass "
+                              f"--kind {kind})")
+    try:
+        shapes = param_shapes(model, kind, example_inputs(model, kind, 1, _param_in_chans(params, model.views)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{args.ckpt_dir}: its config does not build a {kind} model ({e})") from None
+    check_params(params, shapes, str(args.ckpt_dir))  # an export is only meaningful for the exact architecture
     sd = params_to_state_dict(params, model)
     save_state_dict(args.out, sd)
     print(f"exported {len(sd)} tensors ({kind}) from {args.ckpt_dir} -> {args.out}")
@@ -583,9 +663,11 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--size", choices=("tiny", "base", "large", "huge"), help="ViT size (for the head counts)")
     imp.add_argument("--image-size", action="append", metavar="VIEW=X,Y[,Z]",
                      help="configured image size of a view (default sax 192,192,16 / lax 256,256)")
+    imp.add_argument("--overwrite", action="store_true",
+                     help="replace an existing non-empty OUT_DIR (default: refuse, so nothing is deleted)")
     exp = sub.add_parser("export", help="checkpoint (workdir or checkpoint dir) -> reference .safetensors")
     exp.add_argument("ckpt_dir")
-    exp.add_argument("out")
+    exp.add_argument("out", help="OUT.safetensors")
     exp.add_argument("--kind", choices=KINDS, help="model kind (default: from the checkpoint config)")
     args = parser.parse_args(argv)
     if args.action == "import":

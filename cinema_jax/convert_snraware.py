@@ -217,7 +217,8 @@ def load_config(path: str | Path) -> dict:
 
         return yaml.safe_load(text)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        # one line: yaml's errors span several lines (context, marks, a caret)
+        raise ConfigError(f"cannot read {path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -499,7 +500,7 @@ def denoise_config(model_kwargs: Mapping[str, Any], source: str):
     return config
 
 
-def cmd_import(src: str | Path, ref_config: str | Path, out_dir: str | Path) -> int:
+def cmd_import(src: str | Path, ref_config: str | Path, out_dir: str | Path, overwrite: bool = False) -> int:
     """`cinema-jax convert import --kind snraware SRC OUT_DIR --ref-config CONFIG.yaml` -> params checkpoint."""
     import jax
 
@@ -508,7 +509,7 @@ def cmd_import(src: str | Path, ref_config: str | Path, out_dir: str | Path) -> 
     cfg = load_config(ref_config)
     kw = model_kwargs_from_config(cfg, str(ref_config))
     _, params = import_state_dict(load_state_dict(src), kw, Path(src).name)
-    save_params(out_dir, params, denoise_config(kw, str(src)))
+    save_params(out_dir, params, denoise_config(kw, str(src)), overwrite=overwrite)
     n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
     print(f"imported snraware {kw['backbone']} ({n:,} params, tile {kw['image_size']}) from {src} -> {out_dir}")
     return 0

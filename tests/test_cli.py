@@ -80,3 +80,30 @@ def test_train_contract_smoke(tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     assert all("loss" in r and "sax_loss" in r and "lr" in r and "grad_norm" in r for r in rows)
     assert (tmp_path / "checkpoints" / "4" / "state").is_dir()
+
+
+def test_data_pack_with_no_views_is_refused(tmp_path, capsys):
+    """`--views ,` used to pack records without images (rc 0)."""
+    from cinema_jax.cli import main
+
+    (tmp_path / "layout").mkdir()
+    assert main(["data", "pack", str(tmp_path / "layout"), str(tmp_path / "packed"), "--views", ",",
+                 "--no-cine"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no views to pack") and err.count("\n") == 1, err
+    assert not (tmp_path / "packed").exists()
+
+
+def test_multi_line_errors_print_one_line(capsys):
+    from cinema_jax import cli
+    from cinema_jax.errors import DataError
+
+    def boom(argv):
+        raise DataError("cannot parse:\n  line 1\n\t^ here\n")
+
+    cli.COMMANDS["boom"] = boom
+    try:
+        assert cli.main(["boom"]) == 2
+    finally:
+        del cli.COMMANDS["boom"]
+    assert capsys.readouterr().err == "error: cannot parse: line 1 ^ here\n"

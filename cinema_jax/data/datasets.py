@@ -359,6 +359,8 @@ def _acdc_subjects(raw_dir: Path, val_fraction: float) -> Iterator[RawSubject]:
             ed, es = int(cfg["ED"]), int(cfg["ES"])
         except (KeyError, ValueError):
             raise DataError(f"{d / 'Info.cfg'}: needs integer ED and ES entries") from None
+        if min(ed, es) < 1:  # ACDC numbers frames from 1; 0 would become ed_frame -1 in the metadata
+            raise DataError(f"{d / 'Info.cfg'}: ED {ed} / ES {es} must be >= 1 (ACDC frames are 1-based)")
         vols = {}
         for phase, frame in (("ed", ed), ("es", es)):
             stem = d / f"{pid}_frame{frame:02d}"
@@ -377,8 +379,8 @@ def _read_info_cfg(path: Path) -> dict[str, str]:
     parser = configparser.ConfigParser(interpolation=None)
     try:
         parser.read_string("[info]\n" + path.read_text())
-    except (configparser.Error, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot parse ({err})") from None
+    except (configparser.Error, UnicodeDecodeError) as err:  # configparser's messages span lines: join them
+        raise DataError(f"{path}: cannot parse ({' '.join(str(err).split())})") from None
     names = {"ed": "ED", "es": "ES", "nbframe": "NbFrame"}  # configparser lower-cases keys
     return {names.get(k, k.capitalize()): v.strip() for k, v in parser["info"].items()}
 
@@ -427,7 +429,7 @@ def _mnms_subjects(raw_dir: Path, val_fraction: float) -> Iterator[RawSubject]:
                 vols[f"{phase}_gt"] = None
             else:
                 g = _frame(gt, t, gt_path)
-                vols[f"{phase}_gt"] = Volume(_map_labels(g.array, _MNMS_LABELS), g.spacing, g.affine)
+                vols[f"{phase}_gt"] = Volume(_map_labels(g.array, _MNMS_LABELS), g.spacing, g.affine, g.meta)
         meta = {"pathology": row.get("Pathology", ""), "vendor": row.get("VendorName", row.get("Vendor", "")),
                 "centre": row.get("Centre", ""), "sex": row.get("Sex", ""), "age": row.get("Age", ""),
                 "bmi": _bmi(row.get("Height"), row.get("Weight")), "n_frames": cine.array.shape[3],
@@ -466,7 +468,7 @@ def _mnms2_subjects(raw_dir: Path, val_fraction: float) -> Iterator[RawSubject]:
                 gt = d / f"{pid}_{tag}_{phase.upper()}_gt.nii.gz"
                 if gt.exists():
                     g = _as_3d(read_nifti(gt, ndim=ndim, dtype=np.uint8))
-                    vols[f"{phase}_gt"] = Volume(_map_labels(g.array, _MNMS_LABELS), g.spacing, g.affine)
+                    vols[f"{phase}_gt"] = Volume(_map_labels(g.array, _MNMS_LABELS), g.spacing, g.affine, g.meta)
                 else:
                     vols[f"{phase}_gt"] = None
             views[view] = vols
@@ -497,9 +499,13 @@ def _process_subject(sub: RawSubject, out_dir: Path) -> dict[str, Any]:
         labels = [vols.get("ed_gt"), vols.get("es_gt")]
         has_labels = all(lab is not None for lab in labels)
         lab_arrays = [lab.array for lab in labels] if has_labels else []
-        for lab in lab_arrays:
+        for phase, lab_vol, lab in zip(("ed", "es"), labels, lab_arrays):
             if lab.shape != ed.array.shape:
                 raise DataError(f"{sub.pid} {view}: label shape {lab.shape} differs from image {ed.array.shape}")
+            bad = np.setdiff1d(np.unique(lab), np.arange(LV + 1))
+            if bad.size:  # other values would silently count as no class (wrong volumes / EF)
+                where = lab_vol.meta.get("path", f"{sub.pid} {view} {phase} label")
+                raise DataError(f"{where}: label values {bad.tolist()} outside 0-3 (BG, RV, MYO, LV)")
         sax = view == "sax"
         target = SAX_SPACING if sax else LAX_SPACING
         size = SAX_SIZE if sax else LAX_SIZE
@@ -1076,6 +1082,20 @@ def _checked(src: CinemaLayoutSource, images: Sequence[str], cines: Sequence[str
         yield rec
 
 
+def _check_layout_kind(src: CinemaLayoutSource, cine: bool, edes: bool) -> None:
+    """Say which flag fits when the first subject has ED/ES files but no cine (what `data prepare` writes) or the
+    reverse; otherwise a bare 'file not found' leaves the user guessing."""
+    if not len(src):
+        return
+    view = src.views[0]
+    ed, cine_file = src.path(0, view, "ed"), src.path(0, view, "t")
+    if cine and not cine_file.exists() and ed.exists():
+        raise DataError(f"{cine_file}: file not found (layouts made by `data prepare` have ED/ES but no cine files: "
+                        "pack them with --no-cine)")
+    if edes and not ed.exists() and cine_file.exists():
+        raise DataError(f"{ed}: file not found (a cine-only layout: pack it with --cine-only)")
+
+
 def pack_layout(root: str | os.PathLike, out_dir: str | os.PathLike, views: Sequence[str] = LAYOUT_VIEWS,
                 cine: bool = True, edes: bool = True, with_labels: bool = True,
                 splits: Sequence[str] = ("train", "val", "test"), overwrite: bool = False) -> dict[str, int]:
@@ -1087,11 +1107,17 @@ def pack_layout(root: str | os.PathLike, out_dir: str | os.PathLike, views: Sequ
     split.
     """
     root = Path(root)
+    views = tuple(views)
+    if not views:  # would pack records without images
+        raise ConfigError(f"no views to pack (empty view list); choose from {', '.join(LAYOUT_VIEWS)}")
     if not root.is_dir():
         raise DataError(f"{root}: dataset root not found")
     todo = [sp for sp in splits if (root / f"{sp}_metadata.csv").is_file()]
     if not todo:
         raise DataError(f"{root}: no {'/'.join(f'{sp}_metadata.csv' for sp in splits)}; not a CineMA layout")
+    for split in todo:
+        _check_layout_kind(CinemaLayoutSource(root, split, views, with_labels=False, cine=cine, edes=edes), cine,
+                           edes)
     counts: dict[str, int] = {}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for split in todo:

@@ -80,11 +80,12 @@ def _require_file(path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------------------ NIfTI
 def read_nifti(path: str | os.PathLike, ndim: int | Sequence[int] | None = None,
-               dtype=np.float32) -> Volume:
+               dtype=np.float32, allow_complex: bool = False) -> Volume:
     """Read a .nii / .nii.gz file into a Volume (array (x, y[, z][, t]) as `dtype`, spacing from the header zooms).
 
     `ndim` restricts the allowed dimensionality (e.g. 3 for an ED frame, (3, 4) for frame or cine). Integer
-    `dtype` (labels) requires integral values.
+    `dtype` (labels) requires integral values. Complex data is refused (casting would drop the imaginary part)
+    unless `allow_complex`, which returns it as complex64.
     """
     import nibabel as nib
 
@@ -100,6 +101,10 @@ def read_nifti(path: str | os.PathLike, ndim: int | Sequence[int] | None = None,
     except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors, ValueError...
         raise DataError(f"{path}: cannot read NIfTI ({type(err).__name__}: {err})") from None
     data = check_array(data, "image", ndim=ndim, path=path)
+    if data.dtype.kind == "c":
+        if not allow_complex:
+            raise DataError(f"{path}: image holds complex values; this needs a real (magnitude) image")
+        dtype = np.complex64
     if np.dtype(dtype).kind in "iu":
         if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
             raise DataError(f"{path}: label image holds non-integer values")
@@ -168,6 +173,10 @@ def _list_dicom_files(dir_or_files) -> tuple[list[Path], bool]:
     return files, True
 
 
+class _NotDicom(DataError):
+    """A file without the DICOM preamble: skipped inside a directory, an error when named explicitly."""
+
+
 def _read_header(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -178,7 +187,7 @@ def _read_header(path: Path):
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(str(path))
     except InvalidDicomError as err:
-        raise DataError(f"{path}: not a DICOM file ({err})") from None
+        raise _NotDicom(f"{path}: not a DICOM file ({err})") from None
     except Exception as err:
         raise DataError(f"{path}: cannot read DICOM ({type(err).__name__}: {err})") from None
     if "PixelData" not in ds:
@@ -245,18 +254,27 @@ def _read_dicom_series(dir_or_files, series_uid: str | None) -> Volume:
     """Implementation of `read_dicom_series` (warnings already silenced)."""
     files, explicit = _list_dicom_files(dir_or_files)
     series: dict[str, list] = {}
+    skipped: list[_NotDicom] = []
     for f in files:
-        ds = _read_header(f)
+        try:
+            ds = _read_header(f)
+        except _NotDicom as err:  # e.g. a README beside the images: skip suffix-less non-DICOM files in a directory
+            if explicit or f.suffix:  # a named file or a '.dcm' that is not DICOM is corrupt, not a stray file
+                raise
+            skipped.append(err)
+            continue
         uid = str(ds.get("SeriesInstanceUID", "unknown"))
         series.setdefault(uid, []).append((f, ds))
+    if not series:
+        raise DataError(f"{files[0].parent}: none of the {len(files)} files is DICOM ({skipped[0]})")
     if series_uid is not None:
         if series_uid not in series:
             raise DataError(f"{files[0].parent}: series {series_uid} not found; series present: "
                             + "; ".join(_series_label(u, v) for u, v in series.items()))
         items = series[series_uid]
     elif len(series) > 1:
-        raise DataError(f"{files[0].parent}: {len(series)} DICOM series found, choose one with series_uid=: "
-                        + "; ".join(_series_label(u, v) for u, v in sorted(series.items())))
+        raise DataError(f"{files[0].parent}: {len(series)} DICOM series found, choose one with --series-uid UID "
+                        "(series_uid=): " + "; ".join(_series_label(u, v) for u, v in sorted(series.items())))
     else:
         series_uid, items = next(iter(series.items()))
 
@@ -266,6 +284,10 @@ def _read_dicom_series(dir_or_files, series_uid: str | None) -> Volume:
     if ps is None:
         ps = np.ones(2)
     row_dir, col_dir = (iop[:3], iop[3:]) if iop is not None else (np.array([1.0, 0, 0]), np.array([0, 1.0, 0]))
+    norms = (float(np.linalg.norm(row_dir)), float(np.linalg.norm(col_dir)))
+    # slice sorting and the affine need two real axes (all zeros used to fail later as 'no left ventricle found')
+    if not all(0.9 < n < 1.1 for n in norms) or abs(float(row_dir @ col_dir)) > 0.1:
+        raise DataError(f"{f0}: DICOM ImageOrientationPatient {iop.tolist()} is not two orthogonal unit vectors")
     normal = np.cross(row_dir, col_dir)
     shape0 = (int(ds0.get("Rows", 0)), int(ds0.get("Columns", 0)))
 

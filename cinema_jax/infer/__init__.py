@@ -17,6 +17,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="NIfTI (.nii/.nii.gz) or DICOM directory (x, y[, z][, t])")
     p.add_argument("--output", required=True, help="output directory (created; must not hold files)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--series-uid", default=None, help="DICOM input: the SeriesInstanceUID to read when the "
+                   "directory holds several series")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,16 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.what == "segment":
         from cinema_jax.infer import segment
 
-        summary = segment.run(args.ckpt, args.input, args.output, overwrite=args.overwrite)
+        summary = segment.run(args.ckpt, args.input, args.output, overwrite=args.overwrite,
+                              series_uid=args.series_uid)
     elif args.what == "landmark":
         from cinema_jax.infer import landmark
 
-        summary = landmark.run(args.ckpt, args.input, args.output, overwrite=args.overwrite)
+        summary = landmark.run(args.ckpt, args.input, args.output, overwrite=args.overwrite,
+                               series_uid=args.series_uid)
     elif args.what == "classify":
         from cinema_jax.infer import classify
 
         summary = classify.run(args.ckpt, args.input, args.output, args.ed_frame, args.es_frame,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, series_uid=args.series_uid)
     else:
         summary = _ef(args)
     keys = ("prediction", "probabilities", "lv_edv", "lv_esv", "lv_ef", "rv_ef", "gls_percent", "mapse_mm")
@@ -68,14 +72,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ef(args) -> dict:
+    """EF from a segmentation run (a one-frame input has no EF: refused; given ED/ES frames are used) or a
+    regression run."""
     from cinema_jax.infer import common
 
+    common.check_output(args.output, args.overwrite)
     loaded = common.load_model(args.ckpt, ("segment", "regress"))
     if loaded.task.name == "segment":
         from cinema_jax.infer import segment
 
-        return segment.run(args.ckpt, args.input, args.output, overwrite=args.overwrite, loaded=loaded)
+        return segment.run(args.ckpt, args.input, args.output, overwrite=args.overwrite, loaded=loaded,
+                           ed_frame=args.ed_frame, es_frame=args.es_frame, need_cine=True,
+                           series_uid=args.series_uid)
     from cinema_jax.infer import classify
 
     return classify.run(args.ckpt, args.input, args.output, args.ed_frame, args.es_frame, overwrite=args.overwrite,
-                        loaded=loaded)
+                        loaded=loaded, series_uid=args.series_uid)

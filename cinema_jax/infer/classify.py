@@ -13,24 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cinema_jax.errors import DataError
 from cinema_jax.infer import common
 
-
-def pick_frames(cine: np.ndarray, ed: int | None, es: int | None, where: str) -> tuple[int, int]:
-    n_t = cine.shape[-1]
-    if ed is None and es is None and n_t == 2:
-        return 0, 1
-    if ed is None or es is None:
-        raise DataError(f"{where}: {n_t} frame(s); give --ed-frame and --es-frame (or a 2-frame ED, ES input)")
-    for name, f in (("--ed-frame", ed), ("--es-frame", es)):
-        if not 0 <= f < n_t:
-            raise DataError(f"{where}: {name} {f} is outside the {n_t} frames")
-    return int(ed), int(es)
+pick_frames = common.pick_frames  # kept here for callers of the old location
 
 
 def run(ckpt, input, output, ed_frame: int | None = None, es_frame: int | None = None, overwrite: bool = False,
-        tasks=("classify", "regress"), loaded: common.Loaded | None = None) -> dict:
+        tasks=("classify", "regress"), loaded: common.Loaded | None = None, series_uid: str | None = None) -> dict:
     import jax
     import scipy.special
 
@@ -39,8 +28,9 @@ def run(ckpt, input, output, ed_frame: int | None = None, es_frame: int | None =
     from cinema_jax.tasks.classify import preprocess_study
 
     timer = common.Timer()
+    common.check_output(output, overwrite)
     loaded = loaded or common.load_model(ckpt, tasks)
-    vol = common.read_input(input)
+    vol = common.read_input(input, series_uid)
     if loaded.view == "sax":
         cine, spacing = common.as_sax_cine(vol)
     else:

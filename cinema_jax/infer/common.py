@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from cinema_jax.data import augment as aug
-from cinema_jax.errors import CheckpointError, DataError
+from cinema_jax.errors import CheckpointError, CinemaError, DataError
 
 MIN_FOV_MM = 60.0  # a field of view smaller than this cannot hold a heart
 MIN_PIXELS = 16
@@ -58,6 +58,9 @@ def load_model(ckpt: str | Path, tasks: Sequence[str]) -> Loaded:
 
     params, config = load_params(ckpt)
     name = str(cfg_get(config, "task", ""))
+    if not name:
+        raise CheckpointError(f"{ckpt}: no config.json naming the task next to the checkpoint; this command needs "
+                              f"a {' or '.join(repr(t) for t in tasks)} run")
     if name not in tasks:
         raise CheckpointError(f"{ckpt}: checkpoint was trained for task {name!r}; this command needs "
                               f"{' or '.join(repr(t) for t in tasks)}")
@@ -82,8 +85,23 @@ def load_model(ckpt: str | Path, tasks: Sequence[str]) -> Loaded:
     return Loaded(task, model, params, config, view, str(ckpt))
 
 
-def read_input(path: str | Path) -> Any:
-    """NIfTI file (.nii / .nii.gz) or DICOM directory / file -> io.Volume; DataError for anything unreadable."""
+def check_output(output: str | Path, overwrite: bool = False) -> None:
+    """Refuse an unusable output before loading the model and running it (minutes on a CPU), not after."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise CinemaError(f"output {out} exists and is not a directory")
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise CinemaError(f"output directory {out} already exists and is not empty (pass --overwrite to replace it)")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CinemaError(f"output {out}: {parent} is not a directory")
+            break
+
+
+def read_input(path: str | Path, series_uid: str | None = None) -> Any:
+    """NIfTI file (.nii / .nii.gz) or DICOM directory / file -> io.Volume; DataError for anything unreadable.
+    `series_uid` picks one series of a DICOM directory holding several."""
     from cinema_jax.data import io
 
     p = Path(path)
@@ -93,7 +111,7 @@ def read_input(path: str | Path) -> Any:
     if p.is_file() and (name.endswith(".nii") or name.endswith(".nii.gz")):
         return io.read_nifti(p, ndim=(2, 3, 4))
     if p.is_dir() or name.endswith((".dcm", ".dicom", ".ima")) or "." not in name:
-        return io.read_dicom_series(p)
+        return io.read_dicom_series(p, series_uid=series_uid)
     raise DataError(f"{p}: unsupported input (expected .nii / .nii.gz or a DICOM directory)")
 
 
@@ -141,6 +159,21 @@ def check_content(arr: np.ndarray, spacing: Sequence[float], where: str) -> None
     stds = flat.std(axis=(0, 1))
     if not (stds > 1e-6 * max(1.0, float(np.abs(flat).max()))).any():
         raise DataError(f"{where}: image is constant (no content)")
+
+
+def pick_frames(cine: np.ndarray, ed: int | None, es: int | None, where: str) -> tuple[int, int]:
+    """ED / ES frame indices (0-based) of a (..., t) cine: the given ones (checked), or (0, 1) for a 2-frame input."""
+    n_t = cine.shape[-1]
+    if ed is None and es is None and n_t == 2:
+        return 0, 1
+    if ed is None or es is None:
+        raise DataError(f"{where}: {n_t} frame(s); give --ed-frame and --es-frame (or a 2-frame ED, ES input)")
+    for name, f in (("--ed-frame", ed), ("--es-frame", es)):
+        if not 0 <= f < n_t:
+            raise DataError(f"{where}: {name} {f} is outside the {n_t} frames")
+    if ed == es:  # the same frame twice would give EF 0 / a meaningless ED-ES pair
+        raise DataError(f"{where}: --ed-frame and --es-frame are both {ed}; ED and ES must be different frames")
+    return int(ed), int(es)
 
 
 @dataclass

@@ -27,6 +27,8 @@ import numpy as np
 
 from cinema_jax.errors import CinemaError, ConfigError, DataError
 
+NOISE_FLOOR = 1e-6  # `estimate_noise_sigma` never returns less: a sigma at the floor measured nothing
+
 
 def _load_array_file(path: Path) -> np.ndarray:
     try:
@@ -49,7 +51,7 @@ def _load_array_file(path: Path) -> np.ndarray:
     raise DataError(f"{path}: unsupported file type (use DICOM, .nii/.nii.gz, .npy or .h5)")
 
 
-def read_input(path) -> dict:
+def read_input(path, series_uid: str | None = None) -> dict:
     """-> dict(array (x, y, z, t) complex64 or float32, affine, spacing, format, complex)."""
     from cinema_jax.data import io
 
@@ -58,10 +60,10 @@ def read_input(path) -> dict:
         raise DataError(f"input {path} does not exist")
     name = path.name.lower()
     if path.is_dir() or name.endswith(".dcm"):
-        vol = io.read_dicom_series(path)
+        vol = io.read_dicom_series(path, series_uid=series_uid)
         arr, fmt, affine, spacing = vol.array, "dicom", vol.affine, vol.spacing
     elif name.endswith(".nii") or name.endswith(".nii.gz"):
-        vol = io.read_nifti(path, ndim=(3, 4))
+        vol = io.read_nifti(path, ndim=(3, 4), allow_complex=True)  # complex NIfTI: denoised as complex
         arr, fmt, affine, spacing = vol.array, "nifti", vol.affine, vol.spacing
     else:
         arr = _load_array_file(path)
@@ -87,7 +89,8 @@ def _read_gmap(path, shape) -> np.ndarray:
     if not path.exists():
         raise DataError(f"g-map {path} does not exist")
     name = path.name.lower()
-    g = io.read_nifti(path).array if (name.endswith(".nii") or name.endswith(".nii.gz")) else _load_array_file(path)
+    nifti = name.endswith(".nii") or name.endswith(".nii.gz")
+    g = io.read_nifti(path, allow_complex=True).array if nifti else _load_array_file(path)
     g = np.abs(np.asarray(g, np.float64 if not np.iscomplexobj(g) else np.complex128)).astype(np.float32)
     x, y, z, t = shape
     if g.shape[:2] != (x, y):
@@ -106,15 +109,13 @@ def _read_gmap(path, shape) -> np.ndarray:
 
 
 def _load_model(ckpt):
-    """-> (model, params, config) from a training workdir or checkpoint dir."""
-    from cinema_jax.tasks.denoise import TASK
+    """-> (model, params, config) from a training workdir or checkpoint dir, checked like every infer command: a
+    denoise run whose params fit the model its config builds (CheckpointError for a seg / MAE run, a missing
+    config.json or an edited config)."""
+    from cinema_jax.infer.common import load_model
 
-    try:
-        from cinema_jax.train.checkpoint import load_params
-    except ImportError as e:
-        raise CinemaError("checkpoint loading is unavailable (cinema_jax.train.checkpoint missing)") from e
-    params, config = load_params(ckpt)
-    return TASK.make_model(config), params, config
+    loaded = load_model(ckpt, ("denoise",))
+    return loaded.model, loaded.params, loaded.config
 
 
 @functools.lru_cache(maxsize=4)
@@ -192,7 +193,7 @@ def _panel(mag: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = False, tile=None,
-        overlap=(16, 16, 8)) -> dict:
+        overlap=(16, 16, 8), series_uid: str | None = None) -> dict:
     """Denoise `input` with the model in `ckpt`, write results into the directory `output`; returns the summary.
 
     `model_bundle` = (model, params, config) skips checkpoint loading (tests, notebooks).
@@ -201,16 +202,22 @@ def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = Fal
     from cinema_jax.data import io
     from cinema_jax.data.noise import estimate_noise_sigma
     from cinema_jax.fileutil import atomic_dir
+    from cinema_jax.infer.common import check_output, clean_json
 
     t0 = time.time()
-    data = read_input(input)
+    check_output(output, overwrite)
+    data = read_input(input, series_uid)
     arr = data["array"]
     g = _read_gmap(gmap, arr.shape) if gmap is not None else np.ones(arr.shape, np.float32)
-    model, params, config = model_bundle if model_bundle is not None else _load_model(ckpt)
     mag = np.abs(arr)
+    if not float(mag.max()) > float(mag.min()):
+        raise DataError(f"{input}: image is constant (no content to denoise)")
     sigma = float(estimate_noise_sigma(mag))
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise DataError(f"{input}: could not estimate the noise level from the background")
+    if not math.isfinite(sigma) or sigma <= NOISE_FLOOR:  # the estimator's floor: no measurable noise, and dividing
+        # by it would blow the series up to ~1e6 SNR units (garbage output)
+        raise DataError(f"{input}: could not estimate the noise level from the background (no measurable noise: "
+                        "a zero-filled, synthetic or already denoised image?)")
+    model, params, config = model_bundle if model_bundle is not None else _load_model(ckpt)
     out = np.empty(arr.shape, np.complex64)
     for z in range(arr.shape[2]):
         out[:, :, z] = denoise_array(model, params, config, arr[:, :, z].astype(np.complex64) / sigma, g[:, :, z],
@@ -220,18 +227,20 @@ def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = Fal
     zmid = arr.shape[2] // 2
     before, after = mag[:, :, zmid], np.abs(out[:, :, zmid])
     hi = float(np.percentile(before, 99.5))
+    bright = before[before > np.percentile(before, 75)]
     summary = dict(input=str(input), format=data["format"], shape=list(arr.shape), complex_input=data["complex"],
                    noise_sigma=sigma, noise_sigma_units="input intensity units (std per real/imag channel)",
                    gmap="given" if gmap is not None else "assumed 1 everywhere",
                    noise_estimate="background Rayleigh fit (cinema_jax.data.noise.estimate_noise_sigma)",
-                   median_snr_input=float(np.median(before[before > np.percentile(before, 75)]) / sigma),
+                   median_snr_input=float(np.median(bright)) / sigma if bright.size else None,
                    tiling=f"tiles {list(tile)} overlap {list(overlap)}" if tile else "whole series",
                    checkpoint=str(ckpt), seconds=0.0)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         if data["format"] in ("dicom", "nifti"):
             aff = data["affine"]
             vol = result[:, :, 0] if (data["format"] == "nifti" and arr.shape[2] == 1) else result
-            io.write_nifti(tmp / "denoised.nii.gz", np.asarray(vol, np.float32), affine=aff)
+            io.write_nifti(tmp / "denoised.nii.gz", vol if data["complex"] else np.asarray(vol, np.float32),
+                           affine=aff)
             summary["output"] = "denoised.nii.gz" + (" (NIfTI with the DICOM geometry)" if data["format"] == "dicom"
                                                      else "")
         elif data["format"] == "npy":
@@ -250,7 +259,7 @@ def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = Fal
                   for k in range(arr.shape[3])]
         viz.save_gif(tmp / "frames.gif", frames)
         summary["seconds"] = round(time.time() - t0, 2)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        (tmp / "summary.json").write_text(json.dumps(clean_json(summary), indent=2))
     return summary
 
 
@@ -260,6 +269,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", required=True, help="output directory (created; must not hold files)")
     parser.add_argument("--gmap", default=None, help="optional g-factor map (x, y[, z][, t]); default g = 1")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--series-uid", default=None, help="DICOM input: the SeriesInstanceUID to read when the "
+                        "directory holds several series")
     parser.add_argument("--tile", default=None, help="X,Y,T: denoise in overlapping tiles of this size (bounded "
                         "memory; the reference uses its training cutout, e.g. 64,64,16); default: whole series")
     parser.add_argument("--overlap", default="16,16,8", help="X,Y,T tile overlap, blended linearly (default 16,16,8)")
@@ -279,4 +290,5 @@ def run_from_args(args) -> dict:
     tile = getattr(args, "tile", None)
     return run(args.ckpt, args.input, args.output, gmap=args.gmap, overwrite=bool(getattr(args, "overwrite", False)),
                tile=_triple(tile, "tile") if tile else None,
-               overlap=_triple(getattr(args, "overlap", "16,16,8"), "overlap"))
+               overlap=_triple(getattr(args, "overlap", "16,16,8"), "overlap"),
+               series_uid=getattr(args, "series_uid", None))

@@ -16,14 +16,16 @@ import numpy as np
 from cinema_jax.infer import common
 
 
-def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | None = None) -> dict:
+def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | None = None,
+        series_uid: str | None = None) -> dict:
     from cinema_jax import viz
     from cinema_jax.fileutil import atomic_dir
     from cinema_jax.metrics import landmark as lm
 
     timer = common.Timer()
+    common.check_output(output, overwrite)
     loaded = loaded or common.load_model(ckpt, ("landmark",))
-    vol = common.read_input(input)
+    vol = common.read_input(input, series_uid)
     cine, spacing = common.as_lax_cine(vol)
     common.check_content(cine, spacing, str(input))
     fn = loaded.task.predict_fn(loaded.model)

@@ -434,3 +434,40 @@ def test_tfds_layout_builder(tmp_path):
     src = tfds_builders.data_source("cinema_layout", "train", data_dir=tmp_path / "tfds",
                                     manual_dir=tmp_path / "processed")
     assert len(src) == 2 and src[0]["sax_ed"].shape[:2] == (192, 192)
+
+
+# ------------------------------------------------------------------------------------------------- bad-input fixes
+def test_prepare_refuses_label_values_outside_0_to_3(tmp_path):
+    """A label file with {0, 3, 6, 9} used to give wrong LV volumes / EF without a word."""
+    _fake_acdc(tmp_path / "raw", n=1, testing=0)
+    gt = tmp_path / "raw/database/training/patient001/patient001_frame07_gt.nii.gz"
+    lab = np.asarray(nib.load(str(gt)).dataobj)
+    _save(gt, (lab * 3).astype(np.uint8), SP)
+    with pytest.raises(DataError, match=r"patient001_frame07_gt.nii.gz: label values \[6, 9\] outside 0-3"):
+        D.prepare("acdc", tmp_path / "raw", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_acdc_info_cfg_frame_0_and_parse_errors(tmp_path):
+    _fake_acdc(tmp_path / "raw", n=1, testing=0)
+    cfg = tmp_path / "raw/database/training/patient001/Info.cfg"
+    cfg.write_text("ED: 0\nES: 7\n")
+    with pytest.raises(DataError, match=r"Info.cfg: ED 0 / ES 7 must be >= 1 \(ACDC frames are 1-based\)"):
+        D.prepare("acdc", tmp_path / "raw", tmp_path / "out")
+    cfg.write_text("ED: 1\nthis line has no colon\n")
+    with pytest.raises(DataError, match="Info.cfg: cannot parse") as err:
+        D.prepare("acdc", tmp_path / "raw", tmp_path / "out")
+    assert "\n" not in str(err.value)  # configparser's message spans lines; the CLI prints one
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_layout_refuses_empty_views_and_names_the_flag(tmp_path):
+    _fake_acdc(tmp_path / "raw", n=1, testing=0)
+    D.prepare("acdc", tmp_path / "raw", tmp_path / "lay", val_fraction=0.0)
+    with pytest.raises(ConfigError, match="no views to pack"):
+        D.pack_layout(tmp_path / "lay", tmp_path / "p", views=())
+    with pytest.raises(DataError, match=r"patient001_sax_t.nii.gz: file not found \(layouts made by `data prepare` "
+                                        r"have ED/ES but no cine files: pack them with --no-cine\)"):
+        D.pack_layout(tmp_path / "lay", tmp_path / "p", views=("sax",))
+    assert not (tmp_path / "p").exists()
+    assert D.pack_layout(tmp_path / "lay", tmp_path / "p", views=("sax",), cine=False)["train"] == 1

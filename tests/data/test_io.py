@@ -233,3 +233,56 @@ def test_dicom_uneven_frames(tmp_path):
     with pytest.raises(DataError, match="different numbers of frames"):
         read_dicom_series(d)
 
+
+
+# ------------------------------------------------------------------------------------------------- bad-input fixes
+def test_complex_nifti_is_refused_unless_allowed(tmp_path):
+    """Casting complex to float32 would silently drop the imaginary part (segment / landmark / classify)."""
+    import nibabel as nib
+
+    arr = (np.ones((4, 4, 3)) + 1j * np.arange(48).reshape(4, 4, 3)).astype(np.complex64)
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(tmp_path / "c.nii.gz"))
+    with pytest.raises(DataError, match=r"c.nii.gz: image holds complex values"):
+        read_nifti(tmp_path / "c.nii.gz")
+    vol = read_nifti(tmp_path / "c.nii.gz", allow_complex=True)
+    assert vol.array.dtype == np.complex64
+    np.testing.assert_array_equal(vol.array, arr)
+
+
+def test_dicom_directory_skips_stray_non_dicom_files(tmp_path):
+    d, _ = _series(tmp_path, nz=1, nt=2)
+    (d / "README").write_text("exported by the scanner console\n")
+    assert read_dicom_series(d).array.shape == (5, 6, 1, 2)
+    with pytest.raises(DataError, match="README: not a DICOM file"):
+        read_dicom_series([d / "README"])  # a file named explicitly is still an error
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "README").write_text("x")
+    (only / "NOTES").write_text("y")
+    with pytest.raises(DataError, match="only: none of the 2 files is DICOM"):
+        read_dicom_series(only)
+
+
+def test_dicom_degenerate_orientation_is_named(tmp_path):
+    import pydicom
+
+    d, _ = _series(tmp_path, nz=2, nt=1)
+    for f in sorted(d.glob("*.dcm")):
+        ds = pydicom.dcmread(str(f))
+        ds.ImageOrientationPatient = [0.0] * 6
+        ds.save_as(str(f))
+    with pytest.raises(DataError, match=r"ImageOrientationPatient \[0.0, 0.0, 0.0, 0.0, 0.0, 0.0\] is not two "
+                                        "orthogonal unit vectors"):
+        read_dicom_series(d)
+
+
+def test_dicom_several_series_message_names_the_cli_option(tmp_path):
+    from cinema_jax.infer.common import read_input
+
+    d, uid_a = _series(tmp_path, nz=2, nt=2)
+    _dicom(d / "other.dcm", "1.2.3.4", 0.0, 0, np.zeros((6, 5), np.uint16))
+    with pytest.raises(DataError, match="choose one with --series-uid"):
+        read_dicom_series(d)
+    # the infer commands pass --series-uid through to the reader
+    assert read_input(d, series_uid="1.2.3.4").array.shape == (5, 6, 1, 1)
+    assert read_input(d, series_uid=uid_a).array.shape == (5, 6, 2, 2)

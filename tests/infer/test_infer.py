@@ -72,9 +72,9 @@ def test_segment_nifti_cine(ckpts, cine, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_frames"] == 4 and len(summary["curves"]["lv"]) == 4
     assert {"lv_edv", "lv_esv", "lv_ef", "ed_frame", "es_frame"} <= set(summary)
-    # single 3-D frame -> 3-D mask in the same geometry
+    # single 3-D frame -> 3-D mask in the same geometry (`infer ef` refuses it: no EF without a cine)
     out3 = tmp_path / "seg3"
-    assert cli(["infer", "ef", "--ckpt", str(ckpts["segment"]), "--input", str(cine / "sax_ed.nii.gz"),
+    assert cli(["infer", "segment", "--ckpt", str(ckpts["segment"]), "--input", str(cine / "sax_ed.nii.gz"),
                 "--output", str(out3)]) == 0
     assert nib.load(str(out3 / "mask.nii.gz")).shape == (48, 48, 10)
 
