@@ -40,12 +40,6 @@ class Loaded:
     extras: dict = field(default_factory=dict)
 
 
-def _tree_shapes(tree) -> dict:
-    from flax.traverse_util import flatten_dict
-
-    return {"/".join(k): tuple(np.shape(v)) for k, v in flatten_dict(tree).items()}
-
-
 def load_model(ckpt: str | Path, tasks: Sequence[str]) -> Loaded:
     """Load `ckpt` (a training workdir -> best else latest, or a checkpoint dir), check its task is one of `tasks`
     and that its params fit the model its config describes (CheckpointError otherwise)."""
@@ -54,7 +48,7 @@ def load_model(ckpt: str | Path, tasks: Sequence[str]) -> Loaded:
 
     from cinema_jax.tasks import get_task
     from cinema_jax.tasks.segment import cfg_get, task_view
-    from cinema_jax.train.checkpoint import load_params
+    from cinema_jax.train.checkpoint import check_params, load_params
 
     params, config = load_params(ckpt)
     name = str(cfg_get(config, "task", ""))
@@ -73,15 +67,8 @@ def load_model(ckpt: str | Path, tasks: Sequence[str]) -> Loaded:
                                                      train=False))
     except Exception as err:  # noqa: BLE001 - a config the model factory rejects is a checkpoint problem here
         raise CheckpointError(f"{ckpt}: its config does not build a model ({type(err).__name__}: {err})") from None
-    want = _tree_shapes(nn.meta.unbox(abstract["params"]))
     params = params.get("params", params) if isinstance(params, dict) else params
-    have = _tree_shapes(params)
-    if want != have:
-        missing = sorted(set(want) - set(have))
-        bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-        detail = f"missing {missing[0]}" if missing else (f"{bad[0]}: {have[bad[0]]} vs {want[bad[0]]}" if bad
-                                                           else f"unexpected {sorted(set(have) - set(want))[0]}")
-        raise CheckpointError(f"{ckpt}: parameters do not match the model in its config ({detail})")
+    check_params(params, nn.meta.unbox(abstract["params"]), ckpt)
     return Loaded(task, model, params, config, view, str(ckpt))
 
 
