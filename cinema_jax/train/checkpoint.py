@@ -68,8 +68,11 @@ def restore_train(manager: ocp.CheckpointManager, step: int, abstract_state: Any
         with _quiet_reads():
             out = manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - any mismatch is reported as one line
-        raise CheckpointError(f"cannot resume from {manager.directory}/{step}: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''} (different config or model?)") from None
+        # Orbax's first line often ends in ':' with the detail below it: keep the start of the whole text, joined
+        detail = " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+        detail = detail if len(detail) <= 300 else detail[:297] + "..."
+        raise CheckpointError(f"cannot resume from {manager.directory}/{step}: {type(e).__name__}: {detail} "
+                              "(different config or model?)") from None
     return out["state"], dict(out["meta"] or {})
 
 
