@@ -181,6 +181,8 @@ def _read_header(path: Path):
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if not path.suffix and path.is_file() and path.stat().st_size == 0:  # e.g. an empty README beside the images
+        raise _NotDicom(f"{path}: not a DICOM file (empty)")
     _require_file(path)
     try:
         with warnings.catch_warnings():

@@ -252,7 +252,12 @@ def test_complex_nifti_is_refused_unless_allowed(tmp_path):
 def test_dicom_directory_skips_stray_non_dicom_files(tmp_path):
     d, _ = _series(tmp_path, nz=1, nt=2)
     (d / "README").write_text("exported by the scanner console\n")
+    (d / "LOCKFILE").write_bytes(b"")  # empty and suffix-less: a stray too
     assert read_dicom_series(d).array.shape == (5, 6, 1, 2)
+    (d / "broken.dcm").write_bytes(b"")  # an empty '.dcm' is a damaged image, not a stray
+    with pytest.raises(DataError, match=r"broken.dcm: file is empty"):
+        read_dicom_series(d)
+    (d / "broken.dcm").unlink()
     with pytest.raises(DataError, match="README: not a DICOM file"):
         read_dicom_series([d / "README"])  # a file named explicitly is still an error
     only = tmp_path / "only"
