@@ -676,6 +676,10 @@ def _sunnybrook_subject(folder: Path) -> SunnybrookSubject:
         z, t = where[num]
         contours[(kind, z, t)] = read_contour(f)
     shape = vol.array.shape[:2]
+    for (kind, z, t), c in contours.items():  # off the grid: an empty mask would be taught as background
+        if (c < -1).any() or (c[:, 0] > shape[0]).any() or (c[:, 1] > shape[1]).any():
+            raise DataError(f"{cdir}: {'endo' if kind == 'i' else 'epi'}cardial contour at slice {z}, frame {t} has "
+                            f"points outside the {shape[0]}x{shape[1]} image")
     endo = {(z, t): polygon_mask(c, shape) for (k, z, t), c in contours.items() if k == "i"}
     frames = sorted({t for (_, t) in endo}, key=lambda t: -sum(1 for (_, tt) in endo if tt == t))[:2]
     if len(frames) < 2:
@@ -1204,11 +1208,14 @@ class H5CaseSource(_GrainSource):
         image = image.astype(np.complex64)
         if not np.isfinite(image).all():
             raise DataError(f"{where}: 'image' holds NaN or infinite values")
+        if not image.size or not image.any():
+            raise DataError(f"{where}: 'image' {image.shape} is empty or all zero (nothing to denoise)")
         out: dict[str, Any] = {"image": image, "case": case, "file": path}
         if gmap is not None:
             if gmap.ndim == 2:
                 gmap = gmap[:, :, None, None]
-            if gmap.ndim != 4 or gmap.shape[:2] != image.shape[:2] or gmap.shape[2] not in (1, image.shape[2]):
+            if (gmap.ndim != 4 or gmap.shape[:2] != image.shape[:2] or gmap.shape[2] not in (1, image.shape[2])
+                    or gmap.shape[3] == 0):
                 raise DataError(f"{where}: 'gmap' must be (x, y) or (x, y, 1 or t, N) matching the image "
                                 f"{image.shape}, got {gmap.shape}")
             gmap = gmap.astype(np.float32)

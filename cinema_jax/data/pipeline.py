@@ -95,6 +95,13 @@ def _cfg(config, key: str, default):
         return getattr(config, key, default)
 
 
+def _describe(source) -> str:
+    """The innermost data source's repr (a MapDataset.source wrapper names only its class)."""
+    inner = getattr(source, "_source", None)
+    inner = getattr(inner, "base", inner)
+    return repr(inner if inner is not None else source)
+
+
 def per_process_batch(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
@@ -106,10 +113,12 @@ def train_dataset(task: Any, config: Any, process_index: int = 0, process_count:
     """The training IterDataset of this process (iterate it; `get_state`/`set_state` for resume)."""
     seed = int(config.seed)
     source = task.source(config, "train")
+    if len(source) == 0:  # a data problem (empty file / split), not a config one: name the source
+        from cinema_jax.errors import DataError
+
+        raise DataError(f"the training source is empty: {_describe(source)}")
     if not isinstance(source, grain.MapDataset):
         source = grain.MapDataset.source(source)
-    if len(source) == 0:
-        raise ValueError("the training source is empty")
     ds = source.shuffle(seed=seed).repeat(None, reseed_each_epoch=True)
     ds = ds.random_map(TaskTransform(task, config), seed=seed)
     local = per_process_batch(int(config.batch_size), process_count)

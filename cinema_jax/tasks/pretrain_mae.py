@@ -184,7 +184,7 @@ class PretrainMAE(Task):
             spacing = record.get(f"{v}_spacing")
             if spacing is not None:
                 spacing = [float(s) for s in np.ravel(spacing)[: img.ndim]]
-                if len(spacing) != img.ndim or min(spacing) <= 0:
+                if len(spacing) != img.ndim or not all(np.isfinite(spacing)) or min(spacing) <= 0:
                     raise DataError(f"{where}: '{v}_spacing' {spacing} does not fit a {img.ndim}-D image")
                 if not np.allclose(spacing, target, rtol=1e-3):
                     img = resample(img, spacing, target, order=1)[0].astype(np.float32)

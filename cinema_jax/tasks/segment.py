@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cinema_jax.data import augment as aug
-from cinema_jax.errors import ConfigError
+from cinema_jax.errors import ConfigError, DataError
 
 try:  # shared base class (train owner); the protocol is duck-typed, so the task works without it
     from cinema_jax.tasks.base import Task as _TaskBase
@@ -266,18 +266,54 @@ def load_frame(record: Mapping, config, view: str, phase: str | None = None) -> 
                 "pid": f"synth_{int(record['seed'])}_{int(record['index'])}", "meta": meta,
                 "landmarks": None if lm is None else lm[k]}
     if kind == "sunnybrook":
+        if "annotated" not in record or view != "sax":
+            raise ConfigError(f"Sunnybrook records are SAX volumes: use data.mode='volume' and data.view='sax' "
+                              f"(got view {view!r}, {'slice' if 'slice' in record else 'volume'} items)")
         img = np.asarray(record["sax"], np.float32)
         return {"image": img, "label": np.asarray(record["sax_gt"], np.uint8),
                 "weight_z": np.asarray(record["annotated"], np.float32),
                 "spacing": tuple(float(s) for s in record["sax_spacing"]), "pid": str(record["pid"]), "meta": {},
                 "landmarks": None}
+    where = f"record {record.get('pid', record.get('uid', '?'))}"
+    for key in (f"{view}_{phase}", f"{view}_spacing"):
+        if key not in record:
+            raise DataError(f"{where}: no {key!r} array (data.view={view!r}, phase {phase!r})")
     img = np.asarray(record[f"{view}_{phase}"], np.float32)
     lab = record.get(f"{view}_{phase}_gt")
     lm = record.get(f"{view}_{phase}_landmarks")
     meta = {k: v for k, v in record.items() if np.ndim(v) == 0}
-    return {"image": img, "label": None if lab is None else np.asarray(lab, np.uint8), "weight_z": None,
-            "spacing": tuple(float(s) for s in record[f"{view}_spacing"]), "pid": str(record.get("pid", "")),
-            "meta": meta, "landmarks": None if lm is None else np.asarray(lm, np.float32)}
+    frame = {"image": img, "label": None if lab is None else np.asarray(lab), "weight_z": None,
+             "spacing": np.asarray(record[f"{view}_spacing"], np.float64).reshape(-1),
+             "pid": str(record.get("pid", "")), "meta": meta,
+             "landmarks": None if lm is None else np.asarray(lm, np.float32)}
+    return check_frame(frame, view, f"{where} {view}_{phase}")
+
+
+def check_frame(frame: dict, view: str, where: str) -> dict:
+    """Refuse a loaded layout/ArrayRecord frame that would train on garbage: image of the wrong dimensionality or
+    with NaN/Inf, spacing not finite and positive, label of another shape or not integral, landmarks not (3, 2)."""
+    img, ndim = frame["image"], 3 if view == "sax" else 2
+    if img.ndim != ndim:
+        raise DataError(f"{where}: image must be {ndim}-D for view {view!r}, got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise DataError(f"{where}: image holds {int((~np.isfinite(img)).sum())} NaN/Inf values")
+    sp = frame["spacing"]
+    if sp.size < ndim or not (np.isfinite(sp[:ndim]).all() and (sp[:ndim] > 0).all()):
+        raise DataError(f"{where}: spacing {sp.tolist()} must hold {ndim} finite positive values (mm)")
+    frame["spacing"] = tuple(float(s) for s in sp)
+    lab = frame["label"]
+    if lab is not None:
+        if lab.shape != img.shape:
+            raise DataError(f"{where}: label shape {lab.shape} differs from image shape {img.shape}")
+        if lab.dtype.kind not in "iub" and not (np.isfinite(lab).all() and np.array_equal(lab, np.round(lab))):
+            raise DataError(f"{where}: label holds non-integer values")
+        if lab.size and (lab.min() < 0 or lab.max() > 255):
+            raise DataError(f"{where}: label values {int(lab.min())}..{int(lab.max())} outside 0-255")
+        frame["label"] = lab.astype(np.uint8)
+    lm = frame["landmarks"]
+    if lm is not None and (lm.shape != (3, 2) or not np.isfinite(lm).all()):
+        raise DataError(f"{where}: landmarks must be a finite (3, 2) array, got shape {lm.shape}")
+    return frame
 
 
 def fit_depth(arrays: list[np.ndarray | None], depth: int, rng: np.random.Generator | None) -> tuple[list, int, int]:
@@ -410,6 +446,13 @@ class SegmentTask(_TaskBase):
     def transform(self, record, rng: np.random.Generator, config, train: bool) -> dict[str, np.ndarray]:
         view = task_view(config)
         frame = load_frame(record, config, view)
+        lab, n_classes = frame["label"], int(cfg_get(config, "model.out_chans", 4))
+        if lab is None:
+            raise DataError(f"{frame['pid'] or 'record'}: no '{view}' label in this data source (segmentation "
+                            "trains and evaluates on '<view>_<phase>_gt' masks; data.with_labels must stay True)")
+        if lab.size and int(lab.max()) >= n_classes:
+            raise DataError(f"{frame['pid'] or 'record'}: label values {sorted(set(np.unique(lab).tolist()))} "
+                            f"outside 0-{n_classes - 1} (model.out_chans={n_classes}: BG, RV, MYO, LV)")
         sample = self.preprocess(frame, rng, config, train)
         sample["uid"] = np.int64(record.get("uid", 0))
         sample["phase"] = np.int32(PHASES.index(str(record.get("phase", "ed"))))
