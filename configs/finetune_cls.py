@@ -41,7 +41,7 @@ def _base() -> ml_collections.ConfigDict:
         size="base", sax_size=(192, 192, 16), lax_size=(256, 256), patch_size=(4, 4, 1), scale_factor=(2, 2, 1),
         conv_chans=(64, 128), conv_n_blocks=2, reduce="all", drop_path=0.1, dropout=0.1))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", view="sax", worker_count=0, seed=0, root="", target="phenotype",
+        source="synthetic", view="sax", worker_count=0, seed=0, root="", path="", target="phenotype",
         classes=("NOR", "DCM", "HCM", "MINF", "ARV"),
         n_subjects=ml_collections.ConfigDict(dict(train=200, val=40, test=40)),
         phantom=ml_collections.ConfigDict(dict(sax_size=(192, 192), n_slices=16, sax_spacing=(1.0, 1.0, 10.0),

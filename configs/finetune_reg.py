@@ -36,7 +36,7 @@ def _base() -> ml_collections.ConfigDict:
         size="base", sax_size=(192, 192, 16), lax_size=(256, 256), patch_size=(4, 4, 1), scale_factor=(2, 2, 1),
         conv_chans=(64, 128), conv_n_blocks=2, reduce="all", out_chans=1, drop_path=0.1, dropout=0.1))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", view="sax", worker_count=0, seed=0, root="", target="lv_ef",
+        source="synthetic", view="sax", worker_count=0, seed=0, root="", path="", target="lv_ef",
         target_mean=50.0, target_std=18.0,  # phantom LV EF (%): phenotype ranges 15-85
         n_subjects=ml_collections.ConfigDict(dict(train=200, val=40, test=40)),
         phantom=ml_collections.ConfigDict(dict(sax_size=(192, 192), n_slices=16, sax_spacing=(1.0, 1.0, 10.0),

@@ -42,7 +42,7 @@ def _base() -> ml_collections.ConfigDict:
         conv_chans=(64, 128), conv_n_blocks=2, out_chans=4, dec_chans=(32, 64, 128, 256, 512),
         dec_patch_size=(2, 2, 1), dec_scale_factor=(2, 2, 1), dropout=0.1, drop_path=0.1))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", view="sax", worker_count=0, seed=0, root="",
+        source="synthetic", view="sax", worker_count=0, seed=0, root="", path="",
         n_subjects=ml_collections.ConfigDict(dict(train=64, val=16, test=16)),
         phantom=ml_collections.ConfigDict(dict(sax_size=(192, 192), n_slices=16, sax_spacing=(1.0, 1.0, 10.0),
                                                n_frames=25)),

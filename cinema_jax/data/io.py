@@ -79,6 +79,14 @@ def _require_file(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ NIfTI
+def _raw_pixdim(path: Path, header_class) -> np.ndarray:
+    """pixdim as stored in the file: nibabel's loaded header has already replaced zero voxel sizes by 1."""
+    import gzip
+
+    with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+        return np.asarray(header_class.from_fileobj(f, check=False)["pixdim"], np.float64)
+
+
 def read_nifti(path: str | os.PathLike, ndim: int | Sequence[int] | None = None,
                dtype=np.float32, allow_complex: bool = False) -> Volume:
     """Read a .nii / .nii.gz file into a Volume (array (x, y[, z][, t]) as `dtype`, spacing from the header zooms).
@@ -96,6 +104,7 @@ def read_nifti(path: str | os.PathLike, ndim: int | Sequence[int] | None = None,
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, np.float64)
         zooms = tuple(float(z) for z in img.header.get_zooms())
+        raw = _raw_pixdim(path, type(img.header))
     except DataError:
         raise
     except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib/gzip errors, ValueError...
@@ -112,6 +121,12 @@ def read_nifti(path: str | os.PathLike, ndim: int | Sequence[int] | None = None,
     else:
         out = data.astype(dtype, copy=False)
     n_spatial = min(out.ndim, 3)
+    # nibabel would quietly read a zero as 1 mm: volumes (mL) and resampling would be silently wrong (a singleton
+    # axis, e.g. one LAX plane stored as (x, y, 1, t), has no spacing to get wrong and is let through)
+    bad = [i for i in range(n_spatial) if out.shape[i] > 1 and not (np.isfinite(raw[1 + i]) and raw[1 + i] > 0)]
+    if bad:
+        raise DataError(f"{path}: NIfTI header voxel size pixdim[1:{1 + n_spatial}] = "
+                        f"{[float(v) for v in raw[1:1 + n_spatial]]} is not positive")
     spacing = tuple(zooms[:n_spatial]) if len(zooms) >= n_spatial else tuple(
         float(np.linalg.norm(affine[:3, i])) for i in range(n_spatial))
     meta = {"path": str(path)}

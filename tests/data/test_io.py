@@ -291,3 +291,17 @@ def test_dicom_several_series_message_names_the_cli_option(tmp_path):
     # the infer commands pass --series-uid through to the reader
     assert read_input(d, series_uid="1.2.3.4").array.shape == (5, 6, 1, 1)
     assert read_input(d, series_uid=uid_a).array.shape == (5, 6, 2, 2)
+
+
+def test_nifti_zero_voxel_size_is_refused(tmp_path):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ones((8, 8, 4), np.float32), np.diag([1.5, 1.5, 8.0, 1.0]))
+    nib.save(img, str(tmp_path / "ok.nii.gz"))
+    assert read_nifti(tmp_path / "ok.nii.gz").spacing == pytest.approx((1.5, 1.5, 8.0))
+    nib.save(img, str(tmp_path / "zero.nii"))
+    raw = bytearray((tmp_path / "zero.nii").read_bytes())
+    raw[76 + 4 * 3:76 + 4 * 4] = np.float32(0.0).tobytes()  # pixdim[3] (header offset 76): nibabel reads it as 1
+    (tmp_path / "zero.nii").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"zero.nii: NIfTI header voxel size pixdim\[1:4\] = \[1.5, 1.5, 0.0\]"):
+        read_nifti(tmp_path / "zero.nii")
