@@ -21,8 +21,6 @@ from cinema_jax.config import load_config  # noqa: E402
 from cinema_jax.errors import CheckpointError, DataError  # noqa: E402
 from cinema_jax.infer import common  # noqa: E402
 from cinema_jax.infer import denoise as den  # noqa: E402
-from cinema_jax.tasks.denoise import TASK as DENOISE  # noqa: E402
-from configs.denoise import get_config as denoise_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +54,6 @@ def sax(tmp_path_factory):
     io.write_nifti(root / "sax_t.nii.gz", np.moveaxis(r["sax"], 0, -1) * 800, spacing=(4.0, 4.0, 10.0))
     io.write_nifti(root / "sax_ed.nii.gz", r["sax"][0] * 800, spacing=(4.0, 4.0, 10.0))
     return root
-
-
-@pytest.fixture(scope="module")
-def bundle():
-    c = denoise_config("smoke")
-    model = DENOISE.make_model(c)
-    ex = DENOISE.example_batch(c, 1)
-    params = jax.jit(lambda: model.init({"params": jax.random.key(0, impl="rbg")}, ex["image"]))()["params"]
-    return model, params, c
 
 
 def _bad(args, out, capsys, match):
