@@ -311,8 +311,14 @@ def check_frame(frame: dict, view: str, where: str) -> dict:
             raise DataError(f"{where}: label values {int(lab.min())}..{int(lab.max())} outside 0-255")
         frame["label"] = lab.astype(np.uint8)
     lm = frame["landmarks"]
-    if lm is not None and (lm.shape != (3, 2) or not np.isfinite(lm).all()):
-        raise DataError(f"{where}: landmarks must be a finite (3, 2) array, got shape {lm.shape}")
+    if lm is not None:
+        if lm.shape != (3, 2) or not np.isfinite(lm).all():
+            raise DataError(f"{where}: landmarks must be a finite (3, 2) array, got shape {lm.shape}")
+        # pixel (x, y) = (axis 0, axis 1); a point off the image is swapped axes, mm instead of px, or another grid
+        extent = np.asarray(img.shape[:2], np.float32) - 0.5
+        if (lm < -0.5).any() or (lm > extent).any():
+            raise DataError(f"{where}: landmarks {np.round(lm, 1).tolist()} lie outside the {img.shape[:2]} image "
+                            "(expected pixel (x, y) along axes 0 and 1)")
     return frame
 
 

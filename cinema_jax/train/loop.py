@@ -99,11 +99,14 @@ def _first_line(err: BaseException) -> str:
 def _building(what: str):
     """A ValueError/TypeError while building `what` from the config (a model size the factory refuses, a mask ratio
     out of range, an image size the patches do not tile) is a config problem: ConfigError with the original message.
-    Only the build is wrapped; errors raised while training stay ordinary exceptions."""
+    Only the build is wrapped; errors raised while training stay ordinary exceptions. The data pipeline reads files
+    too, so its message blames neither side (the data sources raise DataError themselves for the cases they know)."""
     try:
         yield
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"the config does not build the {what}: {type(e).__name__}: {_first_line(e)}") from None
+        cause = (f"the {what} could not be built from the config and the data it names" if what == "data pipeline"
+                 else f"the config does not build the {what}")
+        raise ConfigError(f"{cause}: {type(e).__name__}: {_first_line(e)}") from None
 
 
 def _model_init(task, model, config):

@@ -70,6 +70,11 @@ def test_classify_and_landmark_refuse_bad_frames():
     rec = _record(sax_ed_landmarks=np.zeros((2, 2), np.float32))
     with pytest.raises(DataError, match=r"\(3, 2\)"):
         load_frame(rec, c, "sax")
+    ok = np.array([[0.0, 0.0], [23.0, 23.0], [5.0, 20.0]], np.float32)
+    assert np.array_equal(load_frame(_record(sax_ed_landmarks=ok), c, "sax")["landmarks"], ok)
+    for bad in (ok + [[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]], ok - [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]):
+        with pytest.raises(DataError, match="outside the \\(24, 24\\) image"):
+            load_frame(_record(sax_ed_landmarks=bad), c, "sax")
 
 
 def _layout(root, label_value=3):

@@ -59,21 +59,11 @@ def test_transform_loss_evaluate(tmp_path):
     assert (tmp_path / "vis.png").stat().st_size > 0
 
 
-def mae_smoke_workdir(tmp_path_factory):
-    """Train configs/mae_pretrain.py:smoke once per session (shared by the task tests)."""
-    from cinema_jax.train.loop import train
-
-    root = tmp_path_factory.getbasetemp() / "mae_smoke"
-    if not (root / "best").is_dir() and not (root / "checkpoints").is_dir():
-        train(load_config("configs/mae_pretrain.py:smoke", ["total_steps=16", "eval_every=16"]), root)
-    return root
-
-
 @pytest.mark.slow
-def test_smoke_trains_from_mae(tmp_path_factory):
+def test_smoke_trains_from_mae(tmp_path_factory, mae_smoke):
     from cinema_jax.train.loop import train
 
-    mae = mae_smoke_workdir(tmp_path_factory)
+    mae = mae_smoke
     work = tmp_path_factory.mktemp("seg")
     config = load_config("configs/finetune_seg.py:smoke", [f"init_from={mae}"])
     out = train(config, work)

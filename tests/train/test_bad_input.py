@@ -103,6 +103,24 @@ def test_library_train_validates_the_config(tmp_path):
         train(cfg, tmp_path / "run")
 
 
+class BadSourceToyTask(ToyTask):
+    name = "toy_bad_source"
+
+    def source(self, config, split):
+        raise ValueError("cannot reshape array of size 7 into shape (3,)")
+
+
+register_task(BadSourceToyTask())
+
+
+def test_a_pipeline_build_error_blames_config_and_data(tmp_path):
+    cfg = toy_config({"total_steps": 2})
+    cfg.task = "toy_bad_source"
+    with pytest.raises(ConfigError, match=r"^the data pipeline could not be built from the config and the data it "
+                                          r"names: ValueError: cannot reshape"):
+        train(cfg, tmp_path / "run")
+
+
 # ------------------------------------------------------------------------------------------------ workdirs
 class OtherToyTask(ToyTask):
     name = "toy_other"
