@@ -84,7 +84,7 @@ def evaluate_subjects(ckpt, root, subjects: list[str]) -> list[dict]:
 
 
 def run(workdir: str, root: str, synthetic_ckpt: str | list[str], init_from: str, train_subjects: list[str],
-        steps: int = 200, size: int = 32, spacing: float = 6.0, seed: int = 0) -> dict:
+        steps: int = 2000, size: int = 32, spacing: float = 6.0, seed: int = 0) -> dict:
     from cinema_jax.data.datasets import load_sunnybrook
     from cinema_jax.train.loop import train
 
@@ -100,10 +100,10 @@ def run(workdir: str, root: str, synthetic_ckpt: str | list[str], init_from: str
     models = [(f"synthetic_only:{Path(c).name}", c) for c in synth] + [("sunnybrook_ft", wd / "sunnybrook_ft")]
     for name, ckpt in models:
         rows = evaluate_subjects(ckpt, root, test)
-        out["models"][name] = {"rows": rows, **{k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS}}
+        out["models"][name] = {"rows": rows, **summarise(rows)}
     table = markdown_table(out)
     print("\n".join(table))
-    write_text_atomic(wd / "sunnybrook_eval.json", json.dumps(out, indent=1, default=float))
+    write_text_atomic(wd / "sunnybrook_eval.json", json.dumps(_nan_to_none(out), indent=1, default=float))
     write_text_atomic(wd / "sunnybrook_eval.md", "\n".join(table) + "\n")
     return out
 
@@ -112,16 +112,42 @@ SUMMARY_KEYS = ("dice_LV_ed", "dice_LV_es", "dice_MYO_ed", "pred_lv_edv", "pred_
                 "true_lv_esv", "true_lv_ef", "lv_ef_abs_err")
 
 
+def summarise(rows: list[dict]) -> dict[str, float]:
+    """Mean of each summary key over the test subjects, skipping undefined values (an EF where no LV was predicted);
+    NaN when no subject has one."""
+    out = {}
+    for k in SUMMARY_KEYS:
+        vals = np.array([r[k] for r in rows], np.float64)
+        vals = vals[np.isfinite(vals)]
+        out[k] = float(vals.mean()) if vals.size else float("nan")
+    return out
+
+
+def _nan_to_none(x):
+    """JSON has no NaN: undefined values are written as null."""
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and not np.isfinite(x) else x
+
+
+def _cell(v: float, fmt: str) -> str:
+    return format(v, fmt) if np.isfinite(v) else "n/a"
+
+
 def markdown_table(out: dict) -> list[str]:
-    """One row per (model, test subject): Dice and LV EDV / ESV / EF predicted vs expert contours."""
+    """One row per (model, test subject): Dice and LV EDV / ESV / EF predicted vs expert contours ('n/a' where a
+    value is undefined, e.g. the EF of a model that predicts no LV)."""
     table = ["| model | test subject | LV Dice ED | LV Dice ES | MYO Dice ED | LV EDV pred / GT (mL) | "
              "LV ESV pred / GT (mL) | LV EF pred / GT (%) | LV EF abs err (%) |", "|---" * 9 + "|"]
     for name, m in out["models"].items():
         for r in m["rows"]:
-            table.append(f"| {name} | {r['pid']} | {r['dice_LV_ed']:.3f} | {r['dice_LV_es']:.3f} | "
-                         f"{r['dice_MYO_ed']:.3f} | {r['pred_lv_edv']:.0f} / {r['true_lv_edv']:.0f} | "
-                         f"{r['pred_lv_esv']:.0f} / {r['true_lv_esv']:.0f} | {r['pred_lv_ef']:.1f} / "
-                         f"{r['true_lv_ef']:.1f} | {r['lv_ef_abs_err']:.1f} |")
+            c = {k: _cell(r[k], ".3f" if k.startswith("dice") else ".0f" if k.endswith(("edv", "esv")) else ".1f")
+                 for k in SUMMARY_KEYS}
+            table.append(f"| {name} | {r['pid']} | {c['dice_LV_ed']} | {c['dice_LV_es']} | {c['dice_MYO_ed']} | "
+                         f"{c['pred_lv_edv']} / {c['true_lv_edv']} | {c['pred_lv_esv']} / {c['true_lv_esv']} | "
+                         f"{c['pred_lv_ef']} / {c['true_lv_ef']} | {c['lv_ef_abs_err']} |")
     return table
 
 
@@ -133,7 +159,7 @@ def main(argv=None) -> int:
                    help="segmentation workdir(s) trained on synthetic data only")
     p.add_argument("--init-from", default="", help="MAE workdir for the Sunnybrook fine-tune's encoder")
     p.add_argument("--train-subjects", nargs="+", required=True)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--spacing", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0)
