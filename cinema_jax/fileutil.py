@@ -8,11 +8,14 @@ an exception leaves either the old state or nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from cinema_jax.errors import CinemaError
 
@@ -76,6 +79,27 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode())
+
+
+def clean_json(value):
+    """Values -> strict JSON: NaN/Inf -> null (an undefined metric, e.g. the EF of an empty LV), numpy scalars and
+    arrays -> Python."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return clean_json(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, value, indent: int = 1, sort_keys: bool = False) -> None:
+    """`clean_json(value)` as strict JSON (never a NaN token), written atomically."""
+    write_text_atomic(path, json.dumps(clean_json(value), indent=indent, sort_keys=sort_keys, allow_nan=False))
 
 
 @contextlib.contextmanager

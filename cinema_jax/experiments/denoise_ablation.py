@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-from cinema_jax.fileutil import write_text_atomic
+from cinema_jax.fileutil import clean_json, write_json_atomic, write_text_atomic
 
 ARMS = {
     "full": dict(gmap_augment=True, snr_unit=True),
@@ -129,10 +128,10 @@ def run(workdir: str, steps: int = 400, n_test: int = 8, seeds=(0,), acceleratio
                           dpsnr_vs_full=float((np.stack(per_r[arm][rr])[..., 0]
                                                - np.stack(per_r["full"][rr])[..., 0]).mean()))
             for rr in accelerations}
-    results = json.loads(json.dumps(results, default=float))
+    results = clean_json(results)
     table = markdown_table(results)
     print(table)
-    write_text_atomic(root / "ablation.json", json.dumps(results, indent=1))
+    write_json_atomic(root / "ablation.json", results)
     write_text_atomic(root / "ablation.md", table + "\n")
     return results
 

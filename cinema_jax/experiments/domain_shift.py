@@ -14,12 +14,11 @@ writes `<workdir>/domain_shift.json` + `domain_shift.md`.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from cinema_jax.fileutil import write_text_atomic
+from cinema_jax.fileutil import write_json_atomic, write_text_atomic
 
 SITES = ("A", "B", "C", "D")
 
@@ -91,7 +90,7 @@ def run(workdir: str, train_site: str = "A", steps: int = 2000, n_train: int = 2
                "arms": summarise(runs)}
     table = markdown_table(results)
     print(table)
-    write_text_atomic(root / "domain_shift.json", json.dumps(results, indent=1))
+    write_json_atomic(root / "domain_shift.json", results)
     write_text_atomic(root / "domain_shift.md", table + "\n")
     return results
 

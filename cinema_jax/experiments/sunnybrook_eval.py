@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cinema_jax.fileutil import write_text_atomic
+from cinema_jax.fileutil import clean_json, write_json_atomic, write_text_atomic
 
 
 def finetune_config(root: str, train: list[str], val: list[str], steps: int, init_from: str, size: int,
@@ -79,7 +79,8 @@ def evaluate_subjects(ckpt, root, subjects: list[str]) -> list[dict]:
                    true_lv_edv=ref["lv_edv"], true_lv_esv=ref["lv_esv"], true_lv_ef=ref["lv_ef"])
         row["lv_ef_abs_err"] = abs(row["pred_lv_ef"] - row["true_lv_ef"])
         rows.append(row)
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
+        print(json.dumps(clean_json(short)), flush=True)
     return rows
 
 
@@ -103,7 +104,7 @@ def run(workdir: str, root: str, synthetic_ckpt: str | list[str], init_from: str
         out["models"][name] = {"rows": rows, **summarise(rows)}
     table = markdown_table(out)
     print("\n".join(table))
-    write_text_atomic(wd / "sunnybrook_eval.json", json.dumps(_nan_to_none(out), indent=1, default=float))
+    write_json_atomic(wd / "sunnybrook_eval.json", out)
     write_text_atomic(wd / "sunnybrook_eval.md", "\n".join(table) + "\n")
     return out
 
@@ -121,15 +122,6 @@ def summarise(rows: list[dict]) -> dict[str, float]:
         vals = vals[np.isfinite(vals)]
         out[k] = float(vals.mean()) if vals.size else float("nan")
     return out
-
-
-def _nan_to_none(x):
-    """JSON has no NaN: undefined values are written as null."""
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_nan_to_none(v) for v in x]
-    return None if isinstance(x, float) and not np.isfinite(x) else x
 
 
 def _cell(v: float, fmt: str) -> str:

@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from cinema_jax.data import augment as aug
 from cinema_jax.errors import CheckpointError, CinemaError, DataError
+from cinema_jax.fileutil import clean_json  # noqa: F401 - re-exported: the infer writers use common.clean_json
 
 MIN_FOV_MM = 60.0  # a field of view smaller than this cannot hold a heart
 MIN_PIXELS = 16
@@ -226,19 +227,6 @@ def display_slices(n: int, k: int = 3) -> list[int]:
     if n <= k:
         return list(range(n))
     return [int(round(v)) for v in np.linspace(n * 0.25, n * 0.75 - 1, k)]
-
-
-def clean_json(value):
-    """Summary values -> strict JSON (NaN/Inf -> null, numpy scalars -> Python)."""
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 class Timer:

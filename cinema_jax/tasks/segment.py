@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import functools
 import io as _io
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -380,7 +379,7 @@ def split_rng(rng):
 # ================================================================================================ outputs
 def write_eval_outputs(out_dir, rows: list[dict], summary: Mapping[str, float], name: str = "metrics") -> None:
     """`<out_dir>/<name>.csv` (one row per sample / subject) and `<out_dir>/<name>_summary.json`, atomically."""
-    from cinema_jax.fileutil import write_text_atomic
+    from cinema_jax.fileutil import write_json_atomic, write_text_atomic
 
     out = Path(out_dir)
     if rows:
@@ -393,8 +392,7 @@ def write_eval_outputs(out_dir, rows: list[dict], summary: Mapping[str, float], 
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
         write_text_atomic(out / f"{name}.csv", buf.getvalue())
-    clean = {k: (float(v) if v is not None and np.isfinite(v) else None) for k, v in summary.items()}
-    write_text_atomic(out / f"{name}_summary.json", json.dumps(clean, indent=1, sort_keys=True))
+    write_json_atomic(out / f"{name}_summary.json", summary, sort_keys=True)
 
 
 def nanmean(values: Iterable[float]) -> float:

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from cinema_jax.config import from_plain, to_plain
 from cinema_jax.errors import CheckpointError
-from cinema_jax.fileutil import atomic_dir, write_text_atomic
+from cinema_jax.fileutil import atomic_dir, write_json_atomic, write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -113,7 +113,7 @@ def save_params(directory: str | Path, params: Any, config: Any, metrics: dict |
             ckptr.close()
         write_text_atomic(tmp / CONFIG_JSON, json.dumps(to_plain(config) if config is not None else {}, indent=1))
         if metrics is not None:
-            write_text_atomic(tmp / "metrics.json", json.dumps(metrics, indent=1))
+            write_json_atomic(tmp / "metrics.json", metrics)
     return directory
 
 

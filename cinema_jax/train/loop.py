@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from cinema_jax.config import to_plain, validate_common
 from cinema_jax.data import pipeline
 from cinema_jax.errors import CheckpointError, ConfigError
-from cinema_jax.fileutil import ensure_dir, write_text_atomic
+from cinema_jax.fileutil import clean_json, ensure_dir, write_json_atomic, write_text_atomic
 from cinema_jax.tasks import get_task
 from cinema_jax.train import checkpoint as ckpt
 from cinema_jax.train import sharding as shd
@@ -388,6 +388,6 @@ def evaluate_workdir(workdir: str | os.PathLike, split: str = "val") -> dict[str
     ckpt.check_params(params, shd.strip_boxes(abstract), workdir)
     metrics = task.evaluate(model, params, pipeline.eval_batches(task, config, split), config)
     metrics = {k: float(v) for k, v in dict(metrics or {}).items()}
-    write_text_atomic(workdir / f"eval_{split}.json", json.dumps({"split": split, **metrics}, indent=1))
-    print(json.dumps({"split": split, **metrics}))
+    write_json_atomic(workdir / f"eval_{split}.json", {"split": split, **metrics})
+    print(json.dumps(clean_json({"split": split, **metrics})))
     return metrics

@@ -3,7 +3,8 @@ shown as 'n/a' in the table and written as null, never as NaN, in the JSON."""
 import json
 import math
 
-from cinema_jax.experiments.sunnybrook_eval import SUMMARY_KEYS, _nan_to_none, markdown_table, summarise
+from cinema_jax.experiments.sunnybrook_eval import SUMMARY_KEYS, markdown_table, summarise
+from cinema_jax.fileutil import clean_json
 
 
 def _row(pid, ef, err, edv):
@@ -26,5 +27,5 @@ def test_table_and_json_have_no_nan():
     table = markdown_table(out)
     assert table[2] == "| m | a | 0.500 | 0.500 | 0.500 | 0 / 0 | 0 / 0 | n/a / 21.8 | n/a |"
     assert table[3] == "| m | b | 0.500 | 0.500 | 0.500 | 120 / 0 | 0 / 0 | 30.0 / 21.8 | 8.2 |"
-    text = json.dumps(_nan_to_none(out), allow_nan=False)
+    text = json.dumps(clean_json(out), allow_nan=False)
     assert json.loads(text)["models"]["m"]["pred_lv_ef"] is None

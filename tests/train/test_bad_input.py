@@ -13,7 +13,7 @@ from train_toy_task import ToyTask, toy_config
 
 from cinema_jax.config import load_config
 from cinema_jax.errors import CheckpointError, CinemaError, ConfigError
-from cinema_jax.fileutil import atomic_dir, atomic_path, write_text_atomic
+from cinema_jax.fileutil import atomic_dir, atomic_path, write_json_atomic, write_text_atomic
 from cinema_jax.tasks import register_task
 from cinema_jax.train import checkpoint as ckpt
 from cinema_jax.train.loop import evaluate_workdir, train
@@ -58,6 +58,17 @@ def test_atomic_path_refuses_a_directory_or_a_file_parent(tmp_path):
         with atomic_path(tmp_path / "f" / "out.png"):
             pass
     assert (tmp_path / "d").is_dir() and leftovers(tmp_path) == [] and leftovers(tmp_path / "d") == []
+
+
+def test_json_outputs_are_strict(tmp_path):
+    """An undefined metric (NaN/Inf) is written as null, never as a NaN token other JSON readers reject."""
+    import json
+
+    write_json_atomic(tmp_path / "m.json", {"ef": float("nan"), "x": np.float32(1.5), "n": np.int64(3),
+                                            "a": np.array([1.0, np.inf]), "ok": np.bool_(True), "t": (2, None)})
+    text = (tmp_path / "m.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"ef": None, "x": 1.5, "n": 3, "a": [1.0, None], "ok": True, "t": [2, None]}
 
 
 def test_train_workdir_that_is_a_file(tmp_path):
