@@ -116,12 +116,9 @@ SUMMARY_KEYS = ("dice_LV_ed", "dice_LV_es", "dice_MYO_ed", "pred_lv_edv", "pred_
 def summarise(rows: list[dict]) -> dict[str, float]:
     """Mean of each summary key over the test subjects, skipping undefined values (an EF where no LV was predicted);
     NaN when no subject has one."""
-    out = {}
-    for k in SUMMARY_KEYS:
-        vals = np.array([r[k] for r in rows], np.float64)
-        vals = vals[np.isfinite(vals)]
-        out[k] = float(vals.mean()) if vals.size else float("nan")
-    return out
+    from cinema_jax.tasks.segment import nanmean
+
+    return {k: nanmean(r[k] for r in rows) for k in SUMMARY_KEYS}
 
 
 def _cell(v: float, fmt: str) -> str:

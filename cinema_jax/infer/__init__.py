@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = _ef(args)
     keys = ("prediction", "probabilities", "lv_edv", "lv_esv", "lv_ef", "rv_ef", "gls_percent", "mapse_mm")
     short = {k: summary[k] for k in keys if k in summary}
-    from cinema_jax.infer.common import clean_json
+    from cinema_jax.fileutil import clean_json
 
     print(json.dumps(clean_json({"output": str(args.output), **short})))
     return 0

@@ -24,7 +24,7 @@ def run(ckpt, input, output, ed_frame: int | None = None, es_frame: int | None =
     import scipy.special
 
     from cinema_jax import viz
-    from cinema_jax.fileutil import atomic_dir
+    from cinema_jax.fileutil import atomic_dir, clean_json
     from cinema_jax.tasks.classify import preprocess_study
 
     timer = common.Timer()
@@ -61,5 +61,5 @@ def run(ckpt, input, output, ed_frame: int | None = None, es_frame: int | None =
                                                          titles=[f"ED {ed} | ES {es}: {summary['prediction']}"]))
         summary["seconds"] = timer.seconds()
         summary["outputs"] = sorted(p.name for p in Path(tmp).iterdir()) + ["summary.json"]
-        (tmp / "summary.json").write_text(json.dumps(common.clean_json(summary), indent=1))
+        (tmp / "summary.json").write_text(json.dumps(clean_json(summary), indent=1))
     return summary

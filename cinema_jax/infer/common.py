@@ -22,7 +22,6 @@ from scipy import ndimage
 
 from cinema_jax.data import augment as aug
 from cinema_jax.errors import CheckpointError, CinemaError, DataError
-from cinema_jax.fileutil import clean_json  # noqa: F401 - re-exported: the infer writers use common.clean_json
 
 MIN_FOV_MM = 60.0  # a field of view smaller than this cannot hold a heart
 MIN_PIXELS = 16

@@ -201,8 +201,8 @@ def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = Fal
     from cinema_jax import viz
     from cinema_jax.data import io
     from cinema_jax.data.noise import estimate_noise_sigma
-    from cinema_jax.fileutil import atomic_dir
-    from cinema_jax.infer.common import check_output, clean_json
+    from cinema_jax.fileutil import atomic_dir, clean_json
+    from cinema_jax.infer.common import check_output
 
     t0 = time.time()
     check_output(output, overwrite)

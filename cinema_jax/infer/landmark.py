@@ -19,7 +19,7 @@ from cinema_jax.infer import common
 def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | None = None,
         series_uid: str | None = None) -> dict:
     from cinema_jax import viz
-    from cinema_jax.fileutil import atomic_dir
+    from cinema_jax.fileutil import atomic_dir, clean_json
     from cinema_jax.metrics import landmark as lm
 
     timer = common.Timer()
@@ -65,5 +65,5 @@ def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | No
                                  title=f"GLS {summary['gls_percent']:.1f} %, MAPSE {summary['mapse_mm']:.1f} mm")
         summary["seconds"] = timer.seconds()
         summary["outputs"] = sorted(p.name for p in Path(tmp).iterdir()) + ["summary.json"]
-        (tmp / "summary.json").write_text(json.dumps(common.clean_json(summary), indent=1))
+        (tmp / "summary.json").write_text(json.dumps(clean_json(summary), indent=1))
     return summary

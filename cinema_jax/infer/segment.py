@@ -72,7 +72,7 @@ def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | No
     `need_cine` (the `ef` command) refuses a one-frame input, which has no EF."""
     from cinema_jax import viz
     from cinema_jax.data import io
-    from cinema_jax.fileutil import atomic_dir
+    from cinema_jax.fileutil import atomic_dir, clean_json
     from cinema_jax.metrics import clinical
 
     timer = common.Timer()
@@ -146,7 +146,7 @@ def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | No
         (tmp / "volumes.csv").write_text("\n".join(lines) + "\n")
         summary["seconds"] = timer.seconds()
         summary["outputs"] = sorted(p.name for p in Path(tmp).iterdir()) + ["summary.json"]
-        (tmp / "summary.json").write_text(json.dumps(common.clean_json(summary), indent=1))
+        (tmp / "summary.json").write_text(json.dumps(clean_json(summary), indent=1))
     return summary
 
 
