@@ -78,10 +78,18 @@ def evaluate_subjects(ckpt, root, subjects: list[str]) -> list[dict]:
         row.update(pred_lv_edv=edv, pred_lv_esv=esv, pred_lv_ef=ejection_fraction(edv, esv),
                    true_lv_edv=ref["lv_edv"], true_lv_esv=ref["lv_esv"], true_lv_ef=ref["lv_ef"])
         row["lv_ef_abs_err"] = abs(row["pred_lv_ef"] - row["true_lv_ef"])
+        row.update(lv_ed_labelled_as(pred["ed"][:, :, zs], true["ed"][:, :, zs]))
         rows.append(row)
         short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
         print(json.dumps(clean_json(short)), flush=True)
     return rows
+
+
+def lv_ed_labelled_as(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """Where the expert LV blood-pool voxels went: the fraction predicted as each class (what a low LV Dice means)."""
+    lv = pred[true == 3]
+    return {f"lv_ed_as_{name}": float((lv == c).mean()) if lv.size else float("nan")
+            for c, name in enumerate(("bg", "rv", "myo", "lv"))}
 
 
 def run(workdir: str, root: str, synthetic_ckpt: str | list[str], init_from: str, train_subjects: list[str],

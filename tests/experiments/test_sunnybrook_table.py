@@ -3,7 +3,9 @@ shown as 'n/a' in the table and written as null, never as NaN, in the JSON."""
 import json
 import math
 
-from cinema_jax.experiments.sunnybrook_eval import SUMMARY_KEYS, markdown_table, summarise
+import numpy as np
+
+from cinema_jax.experiments.sunnybrook_eval import SUMMARY_KEYS, lv_ed_labelled_as, markdown_table, summarise
 from cinema_jax.fileutil import clean_json
 
 
@@ -29,3 +31,10 @@ def test_table_and_json_have_no_nan():
     assert table[3] == "| m | b | 0.500 | 0.500 | 0.500 | 120 / 0 | 0 / 0 | 30.0 / 21.8 | 8.2 |"
     text = json.dumps(clean_json(out), allow_nan=False)
     assert json.loads(text)["models"]["m"]["pred_lv_ef"] is None
+
+
+def test_lv_voxels_labelled_as():
+    true = np.array([3, 3, 3, 3, 2, 0])
+    pred = np.array([0, 2, 2, 3, 3, 1])
+    assert lv_ed_labelled_as(pred, true) == {"lv_ed_as_bg": 0.25, "lv_ed_as_rv": 0.0, "lv_ed_as_myo": 0.5,
+                                             "lv_ed_as_lv": 0.25}
