@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from cinema_jax.errors import CheckpointError, ConfigError
+from cinema_jax.errors import CheckpointError, CinemaError, ConfigError
 
 DICT_MODULES = ("enc_down", "enc_fusion", "dec_embed", "pred_head", "dec_conv_blocks", "dec_down_blocks",
                 "dec_image_conv_block", "decoder")
@@ -163,7 +163,9 @@ def pos_embed_buffers(model: Any, tops: set[str]) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------- files
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a reference state dict from `.safetensors` or `.pt`/`.pth` (torch, weights_only=True, if installed)."""
+    """Read a reference state dict from `.safetensors` or a torch zip checkpoint (`.pt`/`.pth`/`.ckpt`, read by
+    `cinema_jax.torchfile`: torch is never imported and nothing pickled is run, so torch.load's weights_only bypass,
+    CVE-2025-32434, cannot apply). Tensors keep their dtype; `import_state_dict` checks them."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"state dict not found: {path}")
@@ -175,20 +177,31 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
             raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if path.suffix in (".pt", ".pth", ".ckpt"):
-        try:
-            import torch
-        except ImportError:
-            raise CheckpointError(f"{path}: reading .pt needs torch (not installed); convert to .safetensors") from None
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-        if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-            obj = obj["model"]
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path} does not hold a state dict")
-        return {k: v.detach().float().numpy() for k, v in obj.items() if hasattr(v, "numpy")}
+        from cinema_jax.torchfile import read_state_dict
+
+        return read_state_dict(path)
     raise CheckpointError(f"unsupported state dict format {path.suffix!r} (use .safetensors or .pt): {path}")
+
+
+# integer bookkeeping buffers that are not weights (BatchNorm's step counter): never checked as weights
+BOOKKEEPING = ("num_batches_tracked",)
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def is_float(value: Any) -> bool:
+    """Floating point, bfloat16 included (ml_dtypes' bfloat16 is not an np.floating subtype)."""
+    return np.asarray(value).dtype.name in _FLOATS
+
+
+def check_weight(value: Any, key: str, source: str) -> None:
+    """A weight must be floating point and finite: an integer / bool tensor where a weight belongs is a mislabelled
+    or corrupt file (casting would hide it), and a NaN/Inf weight gives a model that outputs NaN."""
+    value = np.asarray(value)
+    if not is_float(value):
+        raise CheckpointError(f"{source}: {key} has dtype {value.dtype}, weights must be floating point")
+    bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+    if bad:
+        raise CheckpointError(f"{source}: {key} holds {bad} NaN/Inf values (of {value.size})")
 
 
 def save_state_dict(path: str | Path, state_dict: Mapping[str, np.ndarray]) -> None:
@@ -395,7 +408,11 @@ def _in_chans(state_dict: Mapping[str, np.ndarray], views: list[str]) -> dict[st
 
 
 def import_state_dict(state_dict: Mapping[str, np.ndarray], kind: str, cfg: Mapping, source: str = "state dict"):
-    """-> (model, params) with params validated against the model built from `cfg`."""
+    """-> (model, params) with params validated against the model built from `cfg`; every tensor (the pos_embed
+    buffers too) must be floating point and finite."""
+    for key, value in state_dict.items():
+        if key.rsplit(".", 1)[-1] not in BOOKKEEPING:
+            check_weight(value, key, source)
     model = build_from_config(kind, cfg)
     params, pos = state_dict_to_params(state_dict)
     chans = _in_chans(state_dict, list(model.views))
@@ -525,35 +542,37 @@ def _parse_sizes(items: list[str] | None) -> dict[str, list[int]] | None:
     return out
 
 
-def _check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output before any work: replacing it would delete whatever it holds (e.g. a
-    training workdir given by mistake)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output {out} exists and is not a directory")
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise CheckpointError(f"output directory {out} already exists and is not empty (pass --overwrite to "
-                              "replace it and everything in it)")
+def _check_out_dir(out_dir: str | Path, overwrite: bool, sources=()) -> None:
+    """Refuse an unusable output before any work: replacing a directory cinema-jax did not write (e.g. a training
+    workdir or the folder holding the source weights, given by mistake) would delete whatever it holds."""
+    from cinema_jax.fileutil import check_output_dir
+
+    try:
+        check_output_dir(out_dir, overwrite, sources)
+    except CinemaError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from cinema_jax.train.checkpoint import save_params
 
     overwrite = bool(getattr(args, "overwrite", False))
-    _check_out_dir(args.out_dir, overwrite)
+    sources = (args.src, getattr(args, "ref_config", None), getattr(args, "meta", None))
+    _check_out_dir(args.out_dir, overwrite, sources)
     if args.kind == "snraware":
         from cinema_jax import convert_snraware
 
         if not args.ref_config:
             raise ConfigError("--kind snraware needs --ref-config (the reference's training .yaml)")
-        return convert_snraware.cmd_import(args.src, args.ref_config, args.out_dir, overwrite=overwrite)
+        return convert_snraware.cmd_import(args.src, args.ref_config, args.out_dir, overwrite=overwrite,
+                                           sources=sources)
 
     sd = load_state_dict(args.src)
     cfg = infer_model_config(sd, args.kind, _load_meta(args.meta), args.size, _parse_sizes(args.image_size))
     _, params = import_state_dict(sd, args.kind, cfg, str(args.src))
     config = {"task": {"mae": "pretrain_mae", "convvit": "classify", "convunetr": "segment"}[args.kind],
               "model_kind": args.kind, "model": cfg, "converted_from": str(args.src)}
-    save_params(args.out_dir, params, config, overwrite=overwrite)
+    save_params(args.out_dir, params, config, overwrite=overwrite, sources=sources)
     n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
     print(f"imported {args.kind} ({len(cfg['views'])} views, {n:,} params) from {args.src} -> {args.out_dir}")
     return 0
@@ -621,11 +640,21 @@ def _param_in_chans(params: Mapping, views) -> dict[str, int]:
 def cmd_export(args: argparse.Namespace) -> int:
     import flax.linen as nn
 
+    from cinema_jax.fileutil import check_not_source
     from cinema_jax.models.transfer import _strip
     from cinema_jax.train.checkpoint import load_params
 
     if Path(args.out).suffix != ".safetensors":
         raise CheckpointError(f"export writes safetensors: the output name must end in .safetensors, got {args.out}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise CheckpointError(f"export output {out} is an existing directory")
+    if out.exists() and not getattr(args, "overwrite", False):
+        raise CheckpointError(f"export output {out} already exists (pass --overwrite to replace it)")
+    try:
+        check_not_source(out, (args.ckpt_dir,), "export output")
+    except CinemaError as e:
+        raise CheckpointError(str(e)) from None
     try:
         params, config = load_params(args.ckpt_dir)
     except CheckpointError:
@@ -664,11 +693,12 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--image-size", action="append", metavar="VIEW=X,Y[,Z]",
                      help="configured image size of a view (default sax 192,192,16 / lax 256,256)")
     imp.add_argument("--overwrite", action="store_true",
-                     help="replace an existing non-empty OUT_DIR (default: refuse, so nothing is deleted)")
+                     help="replace an OUT_DIR an earlier import wrote (never a folder cinema-jax did not write)")
     exp = sub.add_parser("export", help="checkpoint (workdir or checkpoint dir) -> reference .safetensors")
     exp.add_argument("ckpt_dir")
     exp.add_argument("out", help="OUT.safetensors")
     exp.add_argument("--kind", choices=KINDS, help="model kind (default: from the checkpoint config)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing OUT.safetensors")
     args = parser.parse_args(argv)
     if args.action == "import":
         return cmd_import(args)

@@ -3,9 +3,10 @@ r"""Reference SNRAware (PyTorch) denoiser weights -> our `imaging_transformer.De
 The published checkpoints (Hugging Face `microsoft/SNRAware`: small / large, each a TorchScript `.pts` plus the
 training `.yaml`) load directly: `load_snraware("snraware_small_model.pts", "snraware_small_model.yaml")` ->
 (model, params). Torch is not a dependency: TorchScript archives and torch zip checkpoints (`.pth` / `.pt` /
-Lightning `.ckpt`) are read by a restricted unpickler that only rebuilds tensors and module attribute trees (every
-other pickled object is rebuilt as an inert stand-in object; nothing is imported or executed). To get a plain state dict
-instead, export it once with torch installed elsewhere (one command, run outside this package):
+Lightning `.ckpt`) are read by `cinema_jax.torchfile`, a restricted unpickler that only rebuilds tensors (each view
+bounded by its storage) and module attribute trees (every other pickled object is rebuilt as an inert stand-in
+object; nothing is imported or executed). To get a plain state dict instead, export it once with torch installed
+elsewhere (one command, run outside this package):
 
     python -c "import sys, torch, safetensors.torch as st; \
       m = torch.jit.load(sys.argv[1], map_location='cpu'); \
@@ -26,18 +27,16 @@ Name rules (reference key -> our param path), applied token by token:
 from __future__ import annotations
 
 import functools
-import io
 import json
-import pickle
-import zipfile
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cinema_jax.convert import BOOKKEEPING, check_weight, is_float
 from cinema_jax.errors import CheckpointError, ConfigError
+from cinema_jax.torchfile import read_state_dict
 
 BUFFERS = ("relative_position_index", "mask")
 _NORMS = {"n1": "norm1", "n2": "norm2"}
@@ -222,115 +221,12 @@ def load_config(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- files
-class _Inert:
-    """Stands in for any pickled object that is not a tensor or a container: accepts and ignores everything."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return _Inert()
-
-
-_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-           "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-           "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
-
-
-class _ScriptModule:
-    """A TorchScript module object of a `.pts` archive: keeps its attribute dict (params, buffers, submodules)."""
-
-    def __init__(self, *args, **kwargs):
-        self.attrs: dict = {}
-
-    def __setstate__(self, state):
-        self.attrs = dict(state) if isinstance(state, Mapping) else {}
-
-
-def _script_state_dict(module: _ScriptModule, prefix: str = "") -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for name, value in module.attrs.items():
-        if isinstance(value, np.ndarray):
-            out[prefix + str(name)] = value
-        elif isinstance(value, _ScriptModule):
-            out.update(_script_state_dict(value, f"{prefix}{name}."))
-    return out
-
-
-class _StorageType:
-    def __init__(self, name):
-        self.name = name
-
-
-def _rebuild_tensor(storage, offset, size, stride, *args):
-    data, dtype = storage
-    if dtype == "bfloat16":
-        raw = np.frombuffer(data, np.uint16).astype(np.uint32) << 16
-        flat = raw.view(np.float32)
-    else:
-        flat = np.frombuffer(data, dtype)
-    if not size:
-        return flat[offset].copy()
-    itemsize = flat.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(flat[offset:], tuple(size), tuple(s * itemsize for s in stride)).copy()
-
-
-def _rebuild_parameter(data, *args):
-    return data
-
-
-class _TorchZipUnpickler(pickle.Unpickler):
-    """Rebuilds tensors of a torch zip checkpoint as numpy arrays; any other global becomes `_Inert`."""
-
-    def __init__(self, file, zf: zipfile.ZipFile, prefix: str):
-        super().__init__(file)
-        self._zf, self._prefix = zf, prefix
-
-    def find_class(self, module, name):
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "torch" and name in _DTYPES:
-            return _StorageType(name)
-        if module.startswith("__torch__"):
-            return _ScriptModule
-        return _Inert
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        stype, key = pid[1], pid[2]
-        dtype = _DTYPES.get(getattr(stype, "name", ""))
-        if dtype is None:
-            raise pickle.UnpicklingError(f"unsupported storage type {stype!r}")
-        return self._zf.read(f"{self._prefix}data/{key}"), dtype
-
-
-def _read_torch_zip(path: Path) -> Any:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-            if not pkl:
-                raise CheckpointError(f"{path}: no data.pkl inside: not a torch checkpoint or TorchScript archive")
-            prefix = pkl[0][: -len("data.pkl")]
-            obj = _TorchZipUnpickler(io.BytesIO(zf.read(pkl[0])), zf, prefix).load()
-            return _script_state_dict(obj) if isinstance(obj, _ScriptModule) else obj
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-
-
 def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """A reference state dict from `.safetensors`, a TorchScript archive (`.pts`, the published format) or a torch
     zip checkpoint (`.pth`, `.pt`, `.ckpt`: a state dict, or a dict holding one under `state_dict` /
-    `model_state_dict` / `model`), the last two read without torch. Floating tensors only, as float32."""
+    `model_state_dict` / `model`), the last two read without torch (`cinema_jax.torchfile`). Floating tensors come
+    as float32; the derived integer buffers (BUFFERS, BatchNorm step counters) are dropped; any other tensor is kept
+    as it is, so `import_state_dict` refuses it if it sits where a weight belongs."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"state dict not found: {path}")
@@ -342,18 +238,17 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     elif path.suffix in (".pth", ".pt", ".ckpt", ".pts"):
-        obj = _read_torch_zip(path)
-        for key in ("state_dict", "model_state_dict", "model"):
-            if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{path} does not hold a state dict")
-        sd = {str(k): v for k, v in obj.items() if isinstance(v, np.ndarray)}
+        sd = read_state_dict(path)
     else:
         raise CheckpointError(f"unsupported state dict format {path.suffix!r} (.safetensors, .pts, .pth, .pt, .ckpt): "
                               f"{path}")
-    return {k: np.asarray(v, np.float32) for k, v in sd.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
+    out = {}
+    for key, value in sd.items():
+        if is_float(value):
+            out[key] = np.asarray(value, np.float32)
+        elif key.rsplit(".", 1)[-1] not in (*BUFFERS, *BOOKKEEPING):
+            out[key] = value
+    return out
 
 
 def _strip_prefix(sd: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -413,15 +308,27 @@ def check_shapes(ref_shapes: Mapping[str, tuple[int, ...]], model_kwargs: Mappin
     return found
 
 
+def _param_path(key: str) -> tuple[str, ...] | None:
+    try:
+        return ref_key_to_path(key)
+    except CheckpointError:
+        return None
+
+
 def import_state_dict(state_dict: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any],
                       source: str = "state dict", **model_overrides):
-    """-> (DenoisingModel, params) with every reference tensor placed; CheckpointError on a missing or unexpected key
-    or a shape mismatch. `model_overrides` (e.g. dtype, remat, tile_overlap) are passed to the model only."""
+    """-> (DenoisingModel, params) with every reference tensor placed; CheckpointError on a missing or unexpected key,
+    a shape mismatch, or a weight that is not floating point or not finite. `model_overrides` (e.g. dtype, remat,
+    tile_overlap) are passed to the model only."""
     from flax import traverse_util
 
     sd = _strip_prefix(state_dict, source)
+    model, shapes = _build(model_kwargs, source)
+    # a non-float tensor is ignored unless it sits where a weight belongs (then check_weight names it)
+    sd = {k: v for k, v in sd.items() if is_float(v) or _param_path(k) in shapes}
     paths = check_shapes({k: tuple(np.shape(v)) for k, v in sd.items()}, model_kwargs, source)
-    model, _ = _build(model_kwargs, source)
+    for key in paths:
+        check_weight(sd[key], key, source)
     flat = {p: ref_value_to_param(p, sd[k]) for k, p in paths.items()}
     if model_overrides:
         model = model.clone(**model_overrides)
@@ -500,7 +407,8 @@ def denoise_config(model_kwargs: Mapping[str, Any], source: str):
     return config
 
 
-def cmd_import(src: str | Path, ref_config: str | Path, out_dir: str | Path, overwrite: bool = False) -> int:
+def cmd_import(src: str | Path, ref_config: str | Path, out_dir: str | Path, overwrite: bool = False,
+               sources=()) -> int:
     """`cinema-jax convert import --kind snraware SRC OUT_DIR --ref-config CONFIG.yaml` -> params checkpoint."""
     import jax
 
@@ -509,7 +417,8 @@ def cmd_import(src: str | Path, ref_config: str | Path, out_dir: str | Path, ove
     cfg = load_config(ref_config)
     kw = model_kwargs_from_config(cfg, str(ref_config))
     _, params = import_state_dict(load_state_dict(src), kw, Path(src).name)
-    save_params(out_dir, params, denoise_config(kw, str(src)), overwrite=overwrite)
+    save_params(out_dir, params, denoise_config(kw, str(src)), overwrite=overwrite,
+                sources=tuple(sources) or (src, ref_config))
     n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
     print(f"imported snraware {kw['backbone']} ({n:,} params, tile {kw['image_size']}) from {src} -> {out_dir}")
     return 0

@@ -5,9 +5,12 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py for every test directory
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

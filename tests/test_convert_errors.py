@@ -8,7 +8,6 @@ import json
 import math
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
@@ -16,7 +15,6 @@ from safetensors.numpy import load_file
 
 from cinema_jax import convert_snraware
 from cinema_jax.cli import main as cli
-from cinema_jax.config import load_config
 from cinema_jax.convert import build_from_config, import_state_dict, infer_model_config, main
 from cinema_jax.errors import CheckpointError, ConfigError
 
@@ -26,19 +24,14 @@ SAX = "sax=32,32,4"
 @pytest.fixture(scope="module")
 def mae(tmp_path_factory):
     """(checkpoint dir, task model, params, exported .safetensors) of a tiny SAX-only MAE at 32 x 32 x 4."""
-    import flax.linen as nn
+    from helpers import init_params
 
     from cinema_jax.tasks import get_task
     from cinema_jax.train.checkpoint import save_params
 
     root = tmp_path_factory.mktemp("mae")
-    config = load_config("configs/mae_pretrain.py:smoke", ["data.views=sax"])
-    task = get_task("pretrain_mae")
-    model = task.make_model(config)
-    ex = task.example_batch(config, 1)
-    variables = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)}, **task.model_inputs(ex),
-                           train=False)
-    params = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(variables["params"]))
+    config, params = init_params("pretrain_mae", "configs/mae_pretrain.py:smoke", ["data.views=sax"])
+    model = get_task("pretrain_mae").make_model(config)
     save_params(root / "run", params, config)
     assert main(["export", str(root / "run"), str(root / "mae.safetensors")]) == 0
     return root / "run", model, params, root / "mae.safetensors"
@@ -130,8 +123,14 @@ def test_import_refuses_a_non_empty_output_dir(mae, tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         main(["import", str(tmp_path / "m.pts"), str(out), "--kind", "snraware", "--ref-config", "m.yaml"])
     assert (out / "metrics.jsonl").read_text() == "{}\n"
-    assert main(args + ["--overwrite"]) == 0
-    assert (out / "config.json").is_file() and not (out / "metrics.jsonl").exists()
+    # --overwrite replaces only an import cinema-jax wrote: never a folder holding someone else's files
+    with pytest.raises(CheckpointError, match="was not written by cinema-jax"):
+        main(args + ["--overwrite"])
+    assert (out / "metrics.jsonl").read_text() == "{}\n"
+    ours = tmp_path / "imported"
+    assert main(args[:2] + [str(ours)] + args[3:]) == 0
+    assert main(args[:2] + [str(ours)] + args[3:] + ["--overwrite"]) == 0
+    assert (ours / "config.json").is_file()
 
 
 def test_import_size_meta_and_image_size_errors(mae, tmp_path):

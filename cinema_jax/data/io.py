@@ -12,9 +12,12 @@ written to NIfTI unchanged. `Volume.spacing` holds the spatial spacings in mm, o
 
 from __future__ import annotations
 
+import gzip
 import logging
+import math
 import os
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,12 @@ from cinema_jax.fileutil import atomic_path
 # DICOM patient frame is LPS, NIfTI world is RAS: flip the first two world axes.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
+# Most voxels (or DICOM pixels x frames x samples) one image may declare: 2**30 is 4 GiB as float32, beyond any
+# cardiac scan (a 256 x 256 x 20 slices x 50 frames cine is 6.6e7) yet readable. Headers are checked against it, and
+# against the bytes their file actually holds, before anything is allocated: the header alone sizes the array.
+MAX_VOXELS = 2**30
+# deflate cannot expand input by more than ~1032x, so a .gz of S bytes holds at most this many times S uncompressed
+_MAX_DEFLATE_RATIO = 1100
 
 
 @dataclass
@@ -79,6 +88,54 @@ def _require_file(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------ NIfTI
+def _gunzipped_size(path: Path, limit: int) -> int:
+    """Uncompressed bytes of a gzip file (every member), counted up to `limit` in 1 MiB steps; a truncated stream
+    counts what came out before the cut."""
+    n = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while n < limit:
+                chunk = f.read(min(2**20, limit - n))
+                if not chunk:
+                    break
+                n += len(chunk)
+    except (EOFError, zlib.error):
+        pass
+    return n
+
+
+def _check_declared_size(path: Path, img) -> None:
+    """Refuse a header declaring more than MAX_VOXELS voxels, or more data than its file holds, before nibabel
+    allocates the array from the header alone (a 100-byte .nii.gz claiming 4096**3 voxels asked for 256 GiB)."""
+    header = img.header
+    shape = tuple(int(d) for d in header.get_data_shape())
+    voxels = math.prod(shape)
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{path}: header declares shape {shape} = {voxels} voxels, more than the limit of "
+                        f"{MAX_VOXELS} (MAX_VOXELS)")
+    try:
+        data_file = Path(img.file_map["image"].filename)
+        # the proxy's offset is the file's vox_offset (the loaded header's is reset for writing)
+        need = int(img.dataobj.offset) + voxels * header.get_data_dtype().itemsize
+    except (AttributeError, KeyError, TypeError):  # a format without a data offset: nothing more to compare
+        return
+    size = data_file.stat().st_size
+    if not data_file.name.lower().endswith(".gz"):
+        have = size
+    elif need > _MAX_DEFLATE_RATIO * size:
+        raise DataError(f"{path}: header declares {need} bytes (shape {shape}), more than a {size}-byte gzip file "
+                        "can hold: truncated or a false header")
+    else:
+        with open(data_file, "rb") as f:  # the trailer's ISIZE: the last member's length mod 2**32
+            f.seek(-4, os.SEEK_END)
+            isize = int.from_bytes(f.read(4), "little")
+        # conclusive only below 4 GiB and for one member: a short ISIZE is confirmed by counting (bounded memory)
+        have = need if need >= 2**32 or isize >= need else _gunzipped_size(data_file, need)
+    if have < need:
+        raise DataError(f"{path}: truncated: header declares {need} bytes (shape {shape}, "
+                        f"{header.get_data_dtype()}) but the file holds {have}")
+
+
 def _raw_pixdim(path: Path, header_class) -> np.ndarray:
     """pixdim as stored in the file: nibabel's loaded header has already replaced zero voxel sizes by 1."""
     import gzip
@@ -101,6 +158,7 @@ def read_nifti(path: str | os.PathLike, ndim: int | Sequence[int] | None = None,
     _require_file(path)
     try:
         img = nib.load(str(path))
+        _check_declared_size(path, img)
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, np.float64)
         zooms = tuple(float(z) for z in img.header.get_zooms())
@@ -209,7 +267,34 @@ def _read_header(path: Path):
         raise DataError(f"{path}: cannot read DICOM ({type(err).__name__}: {err})") from None
     if "PixelData" not in ds:
         raise DataError(f"{path}: DICOM file has no pixel data")
+    _check_pixel_size(path, ds)
     return ds
+
+
+def _check_pixel_size(path: Path, ds) -> None:
+    """Rows x Columns x frames x samples must be within MAX_VOXELS and, for an uncompressed transfer syntax, held by
+    PixelData: the header alone sizes the series array (65535 x 65535 claims 16 GiB per image)."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames, samples = int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 0) or 0)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: DICOM Rows / Columns / NumberOfFrames / SamplesPerPixel / BitsAllocated are not "
+                        "integers") from None
+    pixels = rows * cols * frames * samples
+    if pixels > MAX_VOXELS:
+        raise DataError(f"{path}: DICOM header declares {rows} x {cols} pixels x {frames} frames x {samples} "
+                        f"samples = {pixels}, more than the limit of {MAX_VOXELS} (MAX_VOXELS)")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed or bits < 1:
+        return  # encapsulated frames are sized by their decoder; the voxel limit above still holds
+    need = (pixels * bits + 7) // 8
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        need = need // 3 * 2  # two chroma samples shared by each pixel pair
+    have = len(ds.PixelData)
+    if have < need:
+        raise DataError(f"{path}: DICOM PixelData holds {have} bytes but {rows} x {cols} pixels x {frames} frames x "
+                        f"{samples} samples x {bits} bits need {need}: truncated or a false header")
 
 
 def _pixels(path: Path, ds) -> np.ndarray:
@@ -333,6 +418,10 @@ def _read_dicom_series(dir_or_files, series_uid: str | None) -> Volume:
         raise DataError(f"{f0.parent}: slices have different numbers of frames ({counts})")
     nt = n_frames.pop()
     nz = len(slices)
+    voxels = shape0[0] * shape0[1] * nz * nt
+    if voxels > MAX_VOXELS:
+        raise DataError(f"{f0.parent}: the series is {shape0[1]} x {shape0[0]} x {nz} x {nt} = {voxels} voxels, "
+                        f"more than the limit of {MAX_VOXELS} (MAX_VOXELS)")
 
     arr = np.empty((shape0[1], shape0[0], nz, nt), np.float32)
     times = np.zeros((nz, nt))

@@ -4,8 +4,8 @@ import gzip
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from helpers import dicom_dataset
+from pydicom.uid import generate_uid
 
 from cinema_jax.data.io import Volume, check_array, read_dicom_series, read_nifti, write_nifti
 from cinema_jax.errors import DataError
@@ -115,17 +115,9 @@ ROW, COL = np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0])  # normal = row
 
 
 def _dicom(path, series, z_mm, frame, pixels, spacing=(1.5, 1.25), pixel_data=True, instance=1, slope=None):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds = dicom_dataset()
     ds.SeriesInstanceUID = series
     ds.SeriesDescription = "cine sax"
-    ds.Modality = "MR"
     ds.InstanceNumber = instance
     ds.ImageOrientationPatient = [*ROW, *COL]
     ds.ImagePositionPatient = [float(-z_mm), 5.0, 7.0]  # position along normal (-1, 0, 0) = z_mm
