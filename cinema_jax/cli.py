@@ -13,6 +13,8 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import sys
 
 from cinema_jax.errors import CinemaError
@@ -145,14 +147,71 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         print(f"error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    from cinema_jax.train.preemption import EXIT_PREEMPTED, Preempted
+
+    quiet = _QuietResourceLogs()
+    logging.getLogger("absl").addFilter(quiet)
     try:
         return command(argv[1:])
     except CinemaError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Preempted as p:
+        print(f"preempted: {p}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - only resource exhaustion is turned into one line; bugs keep tracebacks
+        why = resource_exhausted(err)
+        if why is None:
+            raise
+        print(f"error: {why}; files written before it are intact (checkpoints too): free space or memory and re-run "
+              f"the same command (training resumes)", file=sys.stderr)
+        return 2
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _QuietResourceLogs(logging.Filter):
+    """Orbax's background save threads log a full traceback for a disk-full write before the error reaches us;
+    `main` reports it in one line, so those records are dropped (any other log record passes)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and resource_exhausted(exc) is not None:
+            return False
+        text = record.getMessage()
+        return not ("No space left on device" in text or "Disk quota exceeded" in text)
+
+
+def _chain(err: BaseException):
+    """`err`, its causes / contexts and the members of exception groups (Orbax's async saves wrap failures)."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+
+
+def resource_exhausted(err: BaseException) -> str | None:
+    """One line for a full disk or exhausted host / accelerator memory anywhere in `err`'s chain, else None."""
+    for e in _chain(err):
+        text = one_line(e)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            where = f" writing {e.filename}" if e.filename else ""
+            return f"disk full ({e.strerror or 'no space left on device'}){where}"
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return f"disk full ({text[:200]})"
+        if isinstance(e, MemoryError):
+            return f"out of host memory ({text[:200] or 'MemoryError'})"
+        if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text:
+            return f"out of accelerator memory ({text[:200]}); lower batch_size or set remat"
+    return None
 
 
 if __name__ == "__main__":

@@ -212,6 +212,8 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config key 'remat' must be none, block, dots or full, got {config.remat!r}")
     if "attention" in config and config.attention not in ("explicit", "xla", "cudnn"):
         raise ConfigError(f"config key 'attention' must be explicit, xla or cudnn, got {config.attention!r}")
+    if "on_nonfinite" in config and config.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"config key 'on_nonfinite' must be stop or skip, got {config.on_nonfinite!r}")
     if "grad_accum" in config and "batch_size" in config and config.batch_size % config.grad_accum:
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by grad_accum {config.grad_accum}")
     if "mesh" in config:

@@ -25,6 +25,7 @@ def _base() -> ml_collections.ConfigDict:
     c.remat = "none"
     c.conv = "auto"  # 2-D conv lowering: auto (tuned on CPU, xla on GPU/TPU) | tuned | xla (models.layers.conv2d)
     c.grad_accum = 1
+    c.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: stop with an error | skip the update (loop.py)
     # reference: Sophia + OneCycle, lr 1e-5 (override), weight decay 0; we use AdamW with warmup + cosine
     c.optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-6, warmup_steps=1000, weight_decay=0.0, b1=0.9,
                                              b2=0.99, clip_norm=1.0, layer_decay=0.0, schedule="cosine"))

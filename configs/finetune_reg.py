@@ -30,6 +30,7 @@ def _base() -> ml_collections.ConfigDict:
     c.attention = "explicit"  # softmax attention: explicit (head-major, hand-written grad) | xla | cudnn (GPU)
     c.conv = "auto"  # conv lowering: auto (tuned on CPU, xla on GPU/TPU) | tuned | xla (models.layers.Conv)
     c.grad_accum = 16  # reference: 4 per device x 16 accumulation = 64: micro-batches of 4
+    c.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: stop with an error | skip the update (loop.py)
     c.optim = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=1e-5, warmup_steps=100, weight_decay=0.05, b1=0.9,
                                              b2=0.95, clip_norm=5.0, layer_decay=0.75, schedule="cosine"))
     c.model = ml_collections.ConfigDict(dict(

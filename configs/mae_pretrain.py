@@ -34,6 +34,7 @@ def _base() -> ml_collections.ConfigDict:
     c.attention = "explicit"  # softmax attention: explicit (head-major, hand-written grad) | xla | cudnn (GPU)
     c.conv = "auto"  # conv lowering: auto (tuned on CPU, xla on GPU/TPU) | tuned | xla (models.layers.Conv)
     c.grad_accum = 1
+    c.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: stop with an error | skip the update (loop.py)
     c.eval_batch_size = 0  # 0 = batch_size
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic",  # synthetic | arrayrecord (data.path) | cinema_layout (data.root); tasks/pretrain_mae.py

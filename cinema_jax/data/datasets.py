@@ -566,7 +566,7 @@ def prepare(dataset: str, raw_dir: str | os.PathLike, out_dir: str | os.PathLike
     if not raw.is_dir():
         raise DataError(f"{raw}: raw dataset directory not found")
     rows: dict[str, list] = {}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, sources=(raw,), kind="dataset") as tmp:
         for sub in _RAW_READERS[name](raw, val_fraction):
             rows.setdefault(sub.split, []).append(_process_subject(sub, tmp))
         for split, split_rows in rows.items():
@@ -1123,7 +1123,7 @@ def pack_layout(root: str | os.PathLike, out_dir: str | os.PathLike, views: Sequ
         _check_layout_kind(CinemaLayoutSource(root, split, views, with_labels=False, cine=cine, edes=edes), cine,
                            edes)
     counts: dict[str, int] = {}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, sources=(root,), kind="dataset") as tmp:
         for split in todo:
             src = CinemaLayoutSource(root, split, views, with_labels=with_labels, cine=cine, edes=edes)
             images = [f"{v}_{k}" for v in views for k in (("ed", "es") if edes else ()) + (("t",) if cine else ())]
@@ -1316,7 +1316,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, n_subjects: int = 32, se
             yield synthetic_record(seed, i, cfg, views, cine)
 
     counts = {}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, kind="dataset") as tmp:
         first = synthetic_record(seed, 0, cfg, views, cine)
         quantize = _image_keys(first)
         frames = [k for k in quantize if k.endswith("_t")]

@@ -16,7 +16,8 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="training workdir (best, else latest) or checkpoint directory")
     p.add_argument("--input", required=True, help="NIfTI (.nii/.nii.gz) or DICOM directory (x, y[, z][, t])")
     p.add_argument("--output", required=True, help="output directory (created; must not hold files)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory an earlier cinema-jax run "
+                   "wrote (never anything else)")
     p.add_argument("--series-uid", default=None, help="DICOM input: the SeriesInstanceUID to read when the "
                    "directory holds several series")
 
@@ -76,7 +77,7 @@ def _ef(args) -> dict:
     regression run."""
     from cinema_jax.infer import common
 
-    common.check_output(args.output, args.overwrite)
+    common.check_output(args.output, args.overwrite, (args.input, args.ckpt))
     loaded = common.load_model(args.ckpt, ("segment", "regress"))
     if loaded.task.name == "segment":
         from cinema_jax.infer import segment

@@ -28,7 +28,8 @@ def run(ckpt, input, output, ed_frame: int | None = None, es_frame: int | None =
     from cinema_jax.tasks.classify import preprocess_study
 
     timer = common.Timer()
-    common.check_output(output, overwrite)
+    sources = (input, ckpt)
+    common.check_output(output, overwrite, sources)
     loaded = loaded or common.load_model(ckpt, tasks)
     vol = common.read_input(input, series_uid)
     if loaded.view == "sax":
@@ -55,7 +56,7 @@ def run(ckpt, input, output, ed_frame: int | None = None, es_frame: int | None =
         mean, std = loaded.task.stats(loaded.config)
         summary["target"] = str(cfg_get(loaded.config, "data.target", "lv_ef"))
         summary["prediction"] = float(out[0] * std + mean)
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with atomic_dir(output, overwrite=overwrite, sources=sources) as tmp:
         z = cine.shape[2] // 2
         viz.save_png(tmp / "overlay.png", viz.image_grid([[cine[:, :, z, ed], cine[:, :, z, es]]],
                                                          titles=[f"ED {ed} | ES {es}: {summary['prediction']}"]))

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from cinema_jax.data import augment as aug
-from cinema_jax.errors import CheckpointError, CinemaError, DataError
+from cinema_jax.errors import CheckpointError, DataError
 
 MIN_FOV_MM = 60.0  # a field of view smaller than this cannot hold a heart
 MIN_PIXELS = 16
@@ -72,18 +72,13 @@ def load_model(ckpt: str | Path, tasks: Sequence[str]) -> Loaded:
     return Loaded(task, model, params, config, view, str(ckpt))
 
 
-def check_output(output: str | Path, overwrite: bool = False) -> None:
-    """Refuse an unusable output before loading the model and running it (minutes on a CPU), not after."""
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise CinemaError(f"output {out} exists and is not a directory")
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise CinemaError(f"output directory {out} already exists and is not empty (pass --overwrite to replace it)")
-    for parent in out.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CinemaError(f"output {out}: {parent} is not a directory")
-            break
+def check_output(output: str | Path, overwrite: bool = False, sources=()) -> None:
+    """Refuse an unusable output before loading the model and running it (minutes on a CPU), not after: the rules
+    of `fileutil.check_output_dir` (never inside or around an input or the checkpoint; `--overwrite` replaces only
+    an output cinema-jax wrote)."""
+    from cinema_jax.fileutil import check_output_dir
+
+    check_output_dir(output, overwrite, sources)
 
 
 def read_input(path: str | Path, series_uid: str | None = None) -> Any:

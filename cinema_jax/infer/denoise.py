@@ -205,7 +205,8 @@ def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = Fal
     from cinema_jax.infer.common import check_output
 
     t0 = time.time()
-    check_output(output, overwrite)
+    sources = (input, ckpt, gmap)
+    check_output(output, overwrite, sources)
     data = read_input(input, series_uid)
     arr = data["array"]
     g = _read_gmap(gmap, arr.shape) if gmap is not None else np.ones(arr.shape, np.float32)
@@ -235,7 +236,7 @@ def run(ckpt, input, output, gmap=None, model_bundle=None, overwrite: bool = Fal
                    median_snr_input=float(np.median(bright)) / sigma if bright.size else None,
                    tiling=f"tiles {list(tile)} overlap {list(overlap)}" if tile else "whole series",
                    checkpoint=str(ckpt), seconds=0.0)
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with atomic_dir(output, overwrite=overwrite, sources=sources) as tmp:
         if data["format"] in ("dicom", "nifti"):
             aff = data["affine"]
             vol = result[:, :, 0] if (data["format"] == "nifti" and arr.shape[2] == 1) else result
@@ -268,7 +269,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--input", required=True, help="DICOM dir/file, .nii/.nii.gz, .npy or .h5 (x, y[, z], t)")
     parser.add_argument("--output", required=True, help="output directory (created; must not hold files)")
     parser.add_argument("--gmap", default=None, help="optional g-factor map (x, y[, z][, t]); default g = 1")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an output directory an earlier cinema-jax run wrote (never anything else)")
     parser.add_argument("--series-uid", default=None, help="DICOM input: the SeriesInstanceUID to read when the "
                         "directory holds several series")
     parser.add_argument("--tile", default=None, help="X,Y,T: denoise in overlapping tiles of this size (bounded "

@@ -23,7 +23,8 @@ def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | No
     from cinema_jax.metrics import landmark as lm
 
     timer = common.Timer()
-    common.check_output(output, overwrite)
+    sources = (input, ckpt)
+    common.check_output(output, overwrite, sources)
     loaded = loaded or common.load_model(ckpt, ("landmark",))
     vol = common.read_input(input, series_uid)
     cine, spacing = common.as_lax_cine(vol)
@@ -45,7 +46,7 @@ def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | No
         summary["gls_percent"] = lm.gls_percent(pts, spacing)
         summary["mapse_mm"] = lm.mapse_mm(pts, spacing)
         summary["ed_frame"], summary["es_frame"] = int(np.argmax(length)), int(np.argmin(length))
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with atomic_dir(output, overwrite=overwrite, sources=sources) as tmp:
         head = ["frame"] + [f"{n}_{a}" for n in lm.LANDMARK_NAMES for a in ("x_px", "y_px", "x_mm", "y_mm")]
         lines = [",".join(head)]
         for t in range(n_t):

@@ -76,7 +76,8 @@ def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | No
     from cinema_jax.metrics import clinical
 
     timer = common.Timer()
-    common.check_output(output, overwrite)
+    sources = (input, ckpt)
+    common.check_output(output, overwrite, sources)
     loaded = loaded or common.load_model(ckpt, ("segment",))
     vol = common.read_input(input, series_uid)
     where = str(input)
@@ -120,7 +121,7 @@ def run(ckpt, input, output, overwrite: bool = False, loaded: common.Loaded | No
     summary["curves"] = {k: [round(float(x), 3) for x in v] for k, v in curves.items()}
     ed = int(summary.get("ed_frame", 0))
     es = int(summary.get("es_frame", 0))
-    with atomic_dir(output, overwrite=overwrite) as tmp:
+    with atomic_dir(output, overwrite=overwrite, sources=sources) as tmp:
         nd = vol.array.ndim
         if loaded.view == "sax":
             out_mask = masks if nd == 4 else masks[..., 0]

@@ -4,8 +4,10 @@ Layout (docs/design.md):
     <workdir>/config.json                 resolved config
     <workdir>/checkpoints/<step>/state    params, opt_state, step, rng (Orbax StandardSave, sharded arrays)
     <workdir>/checkpoints/<step>/data     Grain iterator state (one JSON per process)
-    <workdir>/checkpoints/<step>/meta     loop bookkeeping (best metric, evals without improvement)
-    <workdir>/best/params, best/config.json, best/metrics.json    best-by-validation params (save_params layout)
+    <workdir>/checkpoints/<step>/meta     loop bookkeeping (best metric, evals without improvement) and the state's
+                                          per-tensor checksums (`train.integrity`), verified on every restore
+    <workdir>/best/params, best/config.json, best/metrics.json, best/checksums.json    best-by-validation params
+                                          (save_params layout)
 Why Orbax: async, multi-host, sharding-aware saves and restores onto a different mesh; params-only exports
 (`save_params`) are what fine-tunes (`init_from`), `cinema-jax convert` and inference read.
 """
@@ -26,6 +28,7 @@ import orbax.checkpoint as ocp
 from cinema_jax.config import from_plain, to_plain
 from cinema_jax.errors import CheckpointError
 from cinema_jax.fileutil import atomic_dir, write_json_atomic, write_text_atomic
+from cinema_jax.train import integrity
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -44,14 +47,26 @@ def make_manager(workdir: str | Path, keep: int, async_save: bool = True) -> ocp
         # temporary item directory (seen as a FileNotFoundError in a loaded 2-process run). Array writes stay async.
         async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
         create=True,
+        cleanup_tmp_directories=True,  # a save killed half-way leaves a tmp step dir: never restored, removed here
     )
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINTS, options=options)
 
 
+class CorruptState(CheckpointError):
+    """A state about to be saved holds NaN/Inf params: saving it would crown a diverged run."""
+
+
 def save_train(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any, meta: dict) -> None:
+    """Save the train state (+ Grain iterator + loop bookkeeping) at `step`, with the state's checksums in the meta.
+
+    Refuses (CorruptState) a state whose floating-point values are not all finite: no checkpoint of a diverged run
+    is ever written. All processes call it (the checksums are computed on the mesh)."""
     import grain
 
-    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    sums, finite = integrity.device_checksums(state)
+    if not finite:
+        raise CorruptState(f"step {step}: the train state holds NaN/Inf values; not saving a checkpoint of it")
+    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**meta, "checksums": sums})}
     if data_iter is not None:
         args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -73,7 +88,23 @@ def restore_train(manager: ocp.CheckpointManager, step: int, abstract_state: Any
         detail = detail if len(detail) <= 300 else detail[:297] + "..."
         raise CheckpointError(f"cannot resume from {manager.directory}/{step}: {type(e).__name__}: {detail} "
                               "(different config or model?)") from None
-    return out["state"], dict(out["meta"] or {})
+    meta = dict(out["meta"] or {})
+    saved = meta.pop("checksums", None)
+    if saved:  # checkpoints written before checksums existed restore unverified
+        found, _ = integrity.device_checksums(out["state"])
+        earlier = [s for s in manager.all_steps() if s < step]
+        hint = (f"delete it to resume from step {max(earlier)}" if earlier
+                else "delete it (no earlier checkpoint: the run restarts)")
+        _verify(saved, found, Path(manager.directory) / str(step), hint=hint)
+    return out["state"], meta
+
+
+def _verify(saved: dict, found: dict, where: Path, prefix: str = "",
+            hint: str = "use another checkpoint or re-create this one") -> None:
+    bad = integrity.mismatches(saved, found, prefix)
+    if bad:
+        raise CheckpointError(f"checkpoint {where} is corrupt: {len(bad)} tensor(s) differ from the checksums saved "
+                              f"with it (first: {prefix}{bad[0]}); {hint}")
 
 
 # ------------------------------------------------------------------------------------------------ params only
@@ -96,15 +127,22 @@ def _to_numpy(tree: Any) -> Any:
 
 
 def save_params(directory: str | Path, params: Any, config: Any, metrics: dict | None = None,
-                overwrite: bool = True) -> Path:
-    """Write `<directory>/params` (Orbax, numpy, unboxed) + `config.json` (+ `metrics.json`) atomically.
+                overwrite: bool = True, sources=()) -> Path:
+    """Write `<directory>/params` (Orbax, numpy, unboxed) + `config.json` (+ `metrics.json`) + `checksums.json`
+    atomically. `overwrite` replaces only an earlier params export (`fileutil.atomic_dir`); nothing is written in or
+    around `sources`. Refuses NaN/Inf params (CorruptState).
 
     Call from one process only (the loop uses process 0); `params` may be sharded arrays that are fully addressable
     on this process, or numpy.
     """
     directory = Path(directory).absolute()
     host = _to_numpy(params)
-    with atomic_dir(directory, overwrite=overwrite) as tmp:
+    bad = [k for k, v in integrity._flat(host).items()
+           if np.issubdtype(np.asarray(v).dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise CorruptState(f"{directory}: params hold NaN/Inf values ({bad[0]}); not saving them")
+    sums = integrity.host_checksums(host)
+    with atomic_dir(directory, overwrite=overwrite, sources=sources, kind="params") as tmp:
         ckptr = ocp.StandardCheckpointer(multiprocessing_options=_single_process_options())
         try:
             ckptr.save(tmp / PARAMS, host)
@@ -112,6 +150,7 @@ def save_params(directory: str | Path, params: Any, config: Any, metrics: dict |
         finally:
             ckptr.close()
         write_text_atomic(tmp / CONFIG_JSON, json.dumps(to_plain(config) if config is not None else {}, indent=1))
+        write_json_atomic(tmp / integrity.CHECKSUMS, sums)
         if metrics is not None:
             write_json_atomic(tmp / "metrics.json", metrics)
     return directory
@@ -262,4 +301,28 @@ def load_params(path: str | Path, require_config: bool = False) -> tuple[Any, An
     except Exception as e:  # noqa: BLE001 - unreadable / foreign directories
         raise CheckpointError(f"cannot read checkpoint {where}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    verify_params(params, where, kind)
     return params, config
+
+
+def _saved_checksums(where: Path, kind: str) -> tuple[dict | None, str]:
+    """(checksums saved with the checkpoint or None for one written before they existed, path prefix of params)."""
+    path = where / integrity.CHECKSUMS if kind == "params" else where / "meta" / "metadata"
+    if not path.is_file():
+        return None, ""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {where}: unreadable {path.name} ({e})") from None
+    if kind != "params":
+        data = data.get("checksums") if isinstance(data, dict) else None
+    if data is not None and not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {where}: {path.name} does not hold checksums")
+    return data, "" if kind == "params" else "params/"
+
+
+def verify_params(params: Any, where: Path, kind: str = "params") -> None:
+    """CheckpointError naming the checkpoint when restored params differ from the checksums saved with them."""
+    saved, prefix = _saved_checksums(Path(where), kind)
+    if saved:
+        _verify(saved, integrity.host_checksums(params), Path(where), prefix)

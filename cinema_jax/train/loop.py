@@ -26,12 +26,14 @@ from jax.sharding import PartitionSpec as P
 
 from cinema_jax.config import to_plain, validate_common
 from cinema_jax.data import pipeline
-from cinema_jax.errors import CheckpointError, ConfigError
+from cinema_jax.errors import CheckpointError, CinemaError, ConfigError
 from cinema_jax.fileutil import clean_json, ensure_dir, write_json_atomic, write_text_atomic
 from cinema_jax.tasks import get_task
 from cinema_jax.train import checkpoint as ckpt
 from cinema_jax.train import sharding as shd
+from cinema_jax.train import workdir as run_dir
 from cinema_jax.train.logging import MetricsWriter, progress_bar
+from cinema_jax.train.preemption import Preempted, PreemptionWatch
 from cinema_jax.train.prefetch import DevicePrefetch
 from cinema_jax.train.state import make_optimizer, new_state
 
@@ -212,10 +214,16 @@ class Setup:
                 (loss, aux), grads = jax.tree_util.tree_map(lambda x: x / accum, total)
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
-            params = optax.apply_updates(params, updates)
+            new_params = optax.apply_updates(params, updates)
+            # a non-finite loss or gradient never reaches the params or the optimizer state: the step is a no-op and
+            # the loop stops (or skips, if configured) when it reads the flag
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(new_params, params), keep(opt_state, state["opt_state"])
             metrics = {k: jnp.asarray(v, jnp.float32) for k, v in dict(aux).items()}
             metrics.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm,
-                           lr=jnp.asarray(schedule(state["step"]), jnp.float32))
+                           lr=jnp.asarray(schedule(state["step"]), jnp.float32),
+                           nonfinite=1.0 - finite.astype(jnp.float32))
             new = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
             return new, metrics
 
@@ -225,8 +233,11 @@ class Setup:
 
 # ------------------------------------------------------------------------------------------------ eval helpers
 def _better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    """An undefined (NaN) or infinite metric never selects `best/`."""
+    if not math.isfinite(value):
+        return False
     if best is None or not math.isfinite(best):
-        return math.isfinite(value)
+        return True
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
@@ -244,10 +255,19 @@ def run_eval(setup: Setup, params, split: str = "val") -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------------ train
+NONFINITE_ACTIONS = ("stop", "skip")
+MAX_SKIPS_IN_A_ROW = 10  # `on_nonfinite=skip` passes over a transient spike; a run that stays non-finite still stops
+
+
+class TrainingDiverged(CinemaError):
+    """A non-finite loss or gradient norm (`on_nonfinite=stop`, or too many skips in a row)."""
+
+
 def _check_workdir(workdir: Path, config) -> None:
-    """Create `workdir`; refuse one that holds checkpoints of another task (resuming would fail, and a config.json
-    rewritten for the new task would make the old run's params unusable for `eval`/`infer`)."""
-    ensure_dir(workdir)
+    """Claim `workdir` as a run (`train.workdir.claim`: an ordinary non-empty folder is refused); refuse one that
+    holds checkpoints of another task (resuming would fail, and a config.json rewritten for the new task would make
+    the old run's params unusable for `eval`/`infer`)."""
+    run_dir.claim(workdir)
     if ckpt.latest_step_dir(workdir) is None and not (workdir / ckpt.BEST / ckpt.PARAMS).is_dir():
         return
     try:
@@ -259,19 +279,81 @@ def _check_workdir(workdir: Path, config) -> None:
         raise ConfigError(f"{workdir} holds a {old!r} run; task {new!r} cannot resume it (use another --workdir)")
 
 
+def _own_run(workdir: Path, config, cleanup: ExitStack) -> None:
+    """Process 0: claim the run, hold its lock until exit, remove what killed atomic writes left behind, and adopt
+    a `best/` written before output markers existed (the loop replaces it, so it must be recognisably ours)."""
+    from cinema_jax.fileutil import read_marker, write_marker
+
+    ensure_dir(workdir)
+    lock = run_dir.RunLock(workdir).acquire()  # before reading anything: a live writer may be changing it
+    cleanup.callback(lock.release)
+    if lock.took_over:
+        print(f"note: took over the stale lock of {lock.took_over} (that process is gone)", flush=True)
+    _check_workdir(workdir, config)
+    run_dir.clean_leftovers(workdir)
+    best = workdir / ckpt.BEST
+    if best.is_dir() and read_marker(best) is None and (best / ckpt.PARAMS).is_dir():
+        write_marker(best, "params", [p.name for p in best.iterdir()])
+
+
+class _Guard:
+    """Reads each step's non-finite flag one step late (no host sync per step) or at once before the loop acts on
+    the step (eval, checkpoint); stops the run or counts skips (`on_nonfinite`)."""
+
+    def __init__(self, action: str, meta: dict, workdir: Path):
+        if action not in NONFINITE_ACTIONS:
+            raise ConfigError(f"config key 'on_nonfinite' must be stop or skip, got {action!r}")
+        self.action, self.meta, self.workdir = action, meta, workdir
+        self.pending: tuple[int, Any] | None = None
+        self.in_a_row = 0
+
+    def push(self, step: int, metrics) -> None:
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        if float(metrics["nonfinite"]) == 0.0:
+            self.in_a_row = 0
+            return
+        loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+        self.in_a_row += 1
+        self.meta["nonfinite_skips"] = int(self.meta.get("nonfinite_skips", 0)) + 1
+        what = f"non-finite loss ({loss:g}) or gradient norm ({gnorm:g}) at step {step}"
+        if self.action == "stop" or self.in_a_row >= MAX_SKIPS_IN_A_ROW:
+            why = "" if self.action == "stop" else f" ({self.in_a_row} steps in a row skipped)"
+            last = ckpt.latest_step_dir(self.workdir)
+            raise TrainingDiverged(
+                f"training diverged: {what}{why}; the update was not applied and no checkpoint holds it (latest: "
+                f"{last.name if last else 'none'}); lower optim.lr or raise optim.warmup_steps, or set "
+                f"--config.on_nonfinite=skip to skip such steps")
+
+
 def train(config, workdir: str | os.PathLike) -> dict:
     """Train `config.task` into `workdir`; re-running on the same workdir resumes from the latest checkpoint.
 
-    Returns a summary dict (last step, last logged metrics, best eval metric).
+    Returns a summary dict (last step, last logged metrics, best eval metric). Raises `TrainingDiverged` on a
+    non-finite loss (nothing non-finite is ever saved) and `Preempted` after SIGTERM, once the checkpoint of the
+    step in flight has committed.
     """
     validate_common(config)  # library callers too, not only `load_config`
     maybe_initialize_distributed(config)
     workdir = Path(workdir).absolute()
     main = jax.process_index() == 0
-    if main:
-        _check_workdir(workdir, config)
-    with _building("model"):
-        setup = Setup(config)
+    # everything opened below is closed on any exit (a TensorBoard writer left open prints an atexit traceback)
+    with ExitStack() as cleanup:
+        if main:
+            _own_run(workdir, config, cleanup)
+        with _building("model"):
+            setup = Setup(config)
+        cleanup.enter_context(setup.context())
+        return _train(setup, config, workdir, main, cleanup)
+
+
+def _train(setup: Setup, config, workdir: Path, main: bool, cleanup: ExitStack) -> dict:
     task = setup.task
     total = int(config.total_steps)
     log_every = int(_cfg(config, "log_every", 0))
@@ -283,90 +365,102 @@ def train(config, workdir: str | os.PathLike) -> dict:
     es_mode = es.get("mode") or task.eval_mode
     patience = int(es.get("patience", 0) or 0)
     min_delta = float(es.get("min_delta", 0.0) or 0.0)
+    on_nonfinite = str(_cfg(config, "on_nonfinite", "stop"))
 
-    # everything opened below is closed on any exit (a TensorBoard writer left open prints an atexit traceback)
-    with setup.context(), ExitStack() as cleanup:
-        with _building("initial state"):
-            state = setup.init_state()
-        train_step = setup.make_step()
-        block, n_blocks = shd.process_batch_block(int(config.batch_size), setup.batch_sharding)
-        # batches are sharded onto the mesh `device_prefetch` steps ahead; the checkpointed Grain state stays that of
-        # the next batch the step will consume (train/prefetch.py)
-        with _building("data pipeline"):
-            data_iter = DevicePrefetch(pipeline.train_iterator(task, config, block, n_blocks),
-                                       lambda b: shd.shard_batch(b, setup.batch_sharding),
-                                       int(_cfg(config.data, "device_prefetch", 2) or 1))
-        cleanup.callback(data_iter.close)
-        manager = ckpt.make_manager(workdir, int(_cfg(config, "keep_checkpoints", 3)))
-        cleanup.callback(manager.close)
-        cleanup.callback(manager.wait_until_finished)
-        meta = {"best": None, "bad_evals": 0, "stopped": False}
-        start = 0
-        latest = manager.latest_step()
-        if latest is not None:
-            state, meta = ckpt.restore_train(manager, latest, setup.abstract_state, data_iter)
-            start = int(latest)
-        if main:  # only now: a failed restore leaves the run's config.json as it was
-            write_text_atomic(workdir / ckpt.CONFIG_JSON, json.dumps(to_plain(config), indent=1))
-        writer = MetricsWriter(workdir, active=main, resume_step=start)
-        cleanup.callback(writer.close)
-        vis_batch = None
-        if image_every and main:
-            # the first eval batch (same shapes as eval: the task's jitted forward is reused, no extra compile)
-            vis_batch = next(iter(pipeline.eval_batches(task, config, "val")), None)
-        images_per_sample = int(task.images_per_sample(config)) if hasattr(task, "images_per_sample") else 1
-        bar = progress_bar(total, start, main)
-        cleanup.callback(bar.close)
-        step = start
-        last: dict[str, Any] = {}
-        t_last, n_since, wait = time.perf_counter(), 0, 0.0
-        stopped = bool(meta.get("stopped", False))
-        while step < total and not stopped:
-            t_wait = time.perf_counter()
-            batch = next(data_iter)  # host pipeline + device copy; the step itself is dispatched asynchronously
-            wait += time.perf_counter() - t_wait
-            state, metrics = train_step(state, batch)
-            step += 1
-            n_since += 1
-            bar.update(1)
-            if log_every and (step % log_every == 0 or step == total):
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                dt = max(now - t_last, 1e-9)
-                values["steps_per_s"] = n_since / dt
-                values["images_per_s"] = n_since * int(config.batch_size) * images_per_sample / dt
-                # share of wall time spent waiting for input: near 0 means the step, not data, sets the pace
-                values["data_wait_frac"] = min(wait / dt, 1.0)
-                t_last, n_since, wait = now, 0, 0.0
-                writer.write(step, values)
-                bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
-                last = values
-            t_pause = time.perf_counter()  # eval, pictures and checkpoints are left out of the throughput window
-            if eval_every and (step % eval_every == 0 or step == total):
-                params, ctx = _eval_params(state["params"])
+    with _building("initial state"):
+        state = setup.init_state()
+    train_step = setup.make_step()
+    block, n_blocks = shd.process_batch_block(int(config.batch_size), setup.batch_sharding)
+    # batches are sharded onto the mesh `device_prefetch` steps ahead; the checkpointed Grain state stays that of
+    # the next batch the step will consume (train/prefetch.py)
+    with _building("data pipeline"):
+        data_iter = DevicePrefetch(pipeline.train_iterator(task, config, block, n_blocks),
+                                   lambda b: shd.shard_batch(b, setup.batch_sharding),
+                                   int(_cfg(config.data, "device_prefetch", 2) or 1))
+    cleanup.callback(data_iter.close)
+    manager = ckpt.make_manager(workdir, int(_cfg(config, "keep_checkpoints", 3)))
+    cleanup.callback(manager.close)
+    cleanup.callback(manager.wait_until_finished)
+    meta = {"best": None, "bad_evals": 0, "stopped": False}
+    start = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore_train(manager, latest, setup.abstract_state, data_iter)
+        start = int(latest)
+    if main:  # only now: a failed restore leaves the run's config.json as it was
+        write_text_atomic(workdir / ckpt.CONFIG_JSON, json.dumps(to_plain(config), indent=1))
+    writer = MetricsWriter(workdir, active=main, resume_step=start)
+    cleanup.callback(writer.close)
+    vis_batch = None
+    if image_every and main:
+        # the first eval batch (same shapes as eval: the task's jitted forward is reused, no extra compile)
+        vis_batch = next(iter(pipeline.eval_batches(task, config, "val")), None)
+    images_per_sample = int(task.images_per_sample(config)) if hasattr(task, "images_per_sample") else 1
+    bar = progress_bar(total, start, main)
+    cleanup.callback(bar.close)
+    guard = _Guard(on_nonfinite, meta, workdir)
+    preemption = cleanup.enter_context(PreemptionWatch(jax.process_count() > 1))
+    step = start
+    last: dict[str, Any] = {}
+    t_last, n_since, wait = time.perf_counter(), 0, 0.0
+    stopped = bool(meta.get("stopped", False))
+    while step < total and not stopped:
+        t_wait = time.perf_counter()
+        batch = next(data_iter)  # host pipeline + device copy; the step itself is dispatched asynchronously
+        wait += time.perf_counter() - t_wait
+        state, metrics = train_step(state, batch)
+        step += 1
+        n_since += 1
+        bar.update(1)
+        guard.push(step, metrics)  # checks the previous step's flag: this step is already queued behind it
+        if log_every and (step % log_every == 0 or step == total):
+            guard.flush()
+            values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "nonfinite"}
+            now = time.perf_counter()
+            dt = max(now - t_last, 1e-9)
+            values["steps_per_s"] = n_since / dt
+            values["images_per_s"] = n_since * int(config.batch_size) * images_per_sample / dt
+            # share of wall time spent waiting for input: near 0 means the step, not data, sets the pace
+            values["data_wait_frac"] = min(wait / dt, 1.0)
+            if on_nonfinite == "skip":
+                values["nonfinite_skips"] = int(meta.get("nonfinite_skips", 0))
+            t_last, n_since, wait = now, 0, 0.0
+            writer.write(step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
+            last = values
+        t_pause = time.perf_counter()  # eval, pictures and checkpoints are left out of the throughput window
+        if eval_every and (step % eval_every == 0 or step == total):
+            guard.flush()
+            params, ctx = _eval_params(state["params"])
+            with ctx:
+                ev = run_eval(setup, params)
+            if ev:
+                writer.write(step, ev, prefix="eval/")
+                value = ev.get(es_metric)
+                if value is not None and _better(value, meta.get("best"), es_mode, min_delta):
+                    meta["best"], meta["bad_evals"] = float(value), 0
+                    if main:
+                        ckpt.save_params(workdir / ckpt.BEST, params, config,
+                                         metrics={"step": step, **ev})
+                elif value is not None:
+                    meta["bad_evals"] = int(meta.get("bad_evals", 0)) + 1
+                    if patience and meta["bad_evals"] >= patience:
+                        stopped = meta["stopped"] = True
+        if image_every and step % image_every == 0:
+            params, ctx = _eval_params(state["params"])
+            if main and vis_batch is not None:
                 with ctx:
-                    ev = run_eval(setup, params)
-                if ev:
-                    writer.write(step, ev, prefix="eval/")
-                    value = ev.get(es_metric)
-                    if value is not None and _better(value, meta.get("best"), es_mode, min_delta):
-                        meta["best"], meta["bad_evals"] = float(value), 0
-                        if main:
-                            ckpt.save_params(workdir / ckpt.BEST, params, config,
-                                             metrics={"step": step, **ev})
-                    elif value is not None:
-                        meta["bad_evals"] = int(meta.get("bad_evals", 0)) + 1
-                        if patience and meta["bad_evals"] >= patience:
-                            stopped = meta["stopped"] = True
-            if image_every and step % image_every == 0:
-                params, ctx = _eval_params(state["params"])
-                if main and vis_batch is not None:
-                    with ctx:
-                        task.visualize(setup.model, params, vis_batch, jax.random.key(0),
-                                       workdir / "images" / f"step_{step:07d}.png")
-            if (ckpt_every and step % ckpt_every == 0) or step == total or stopped:
-                ckpt.save_train(manager, step, state, data_iter, dict(meta))
-            t_last += time.perf_counter() - t_pause
+                    task.visualize(setup.model, params, vis_batch, jax.random.key(0),
+                                   workdir / "images" / f"step_{step:07d}.png")
+        preempted = preemption.reached(step, manager)
+        if (ckpt_every and step % ckpt_every == 0) or step == total or stopped or preempted:
+            guard.flush()
+            ckpt.save_train(manager, step, state, data_iter, dict(meta))
+        if preempted:
+            manager.wait_until_finished()  # committed before we say so
+            raise Preempted(step, str(workdir / ckpt.CHECKPOINTS))
+        t_last += time.perf_counter() - t_pause
+    guard.flush()
     return {"step": step, "last": last, "best": meta.get("best"), "stopped": stopped}
 
 

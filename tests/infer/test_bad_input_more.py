@@ -9,7 +9,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import jax
 import nibabel as nib
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from flax.traverse_util import flatten_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cinema_jax.cli import main as cli  # noqa: E402
-from cinema_jax.config import load_config  # noqa: E402
 from cinema_jax.errors import CheckpointError, DataError  # noqa: E402
 from cinema_jax.infer import common  # noqa: E402
 from cinema_jax.infer import denoise as den  # noqa: E402
@@ -26,21 +24,9 @@ from cinema_jax.infer import denoise as den  # noqa: E402
 @pytest.fixture(scope="module")
 def seg_ckpt(tmp_path_factory):
     """A segmentation smoke run whose head calls every pixel LV (constant volume curves)."""
-    import flax.linen as nn
+    from helpers import seg_checkpoint
 
-    from cinema_jax.tasks import get_task
-    from cinema_jax.train.checkpoint import save_params
-
-    config = load_config("configs/finetune_seg.py:smoke")
-    task = get_task("segment")
-    model = task.make_model(config)
-    ex = task.example_batch(config, 1)
-    params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, **task.model_inputs(ex), train=False)["params"])
-    params = jax.tree_util.tree_map(np.asarray, params)
-    for k in params:
-        if k.startswith("pred_head"):
-            params[k]["bias"] = np.array([0.0, 0.0, 0.0, 5.0], np.float32)
-    return save_params(tmp_path_factory.mktemp("seg") / "seg", params, config)
+    return seg_checkpoint(tmp_path_factory.mktemp("seg") / "seg")
 
 
 @pytest.fixture(scope="module")

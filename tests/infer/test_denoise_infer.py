@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cinema_jax.fileutil import MARKER
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from cinema_jax.errors import DataError  # noqa: E402
 from cinema_jax.infer import denoise as infer  # noqa: E402
@@ -34,7 +36,8 @@ def test_sunnybrook_dicom(sunnybrook_slices, bundle, tmp_path):
     case, full, z0 = sunnybrook_slices
     out = tmp_path / "out"
     s = infer.run("unused", case, out, model_bundle=bundle)
-    assert {p.name for p in out.iterdir()} == {"denoised.nii.gz", "before_after.png", "frames.gif", "summary.json"}
+    assert {p.name for p in out.iterdir()} == {"denoised.nii.gz", "before_after.png", "frames.gif", "summary.json",
+                                               MARKER}
     summ = json.loads((out / "summary.json").read_text())
     assert summ["noise_sigma"] > 0 and summ["format"] == "dicom"
     assert s["shape"] == [full.shape[0], full.shape[1], 2, full.shape[3]]

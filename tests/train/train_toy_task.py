@@ -89,6 +89,8 @@ class ToyTask(Task):
         if train:
             x = x + 0.05 * rng.normal(size=DIM).astype(np.float32)
         y = np.float32(np.sin(x[:4].sum()) + 0.5 * x[4])
+        if train and str(record["index"]) in os.environ.get("TOY_NAN_INDEX", "").split(","):
+            y = np.float32("nan")  # lets tests make one sample's loss non-finite
         return {"x": x, "y": y}
 
     def example_batch(self, config, batch_size):
@@ -117,7 +119,7 @@ def toy_config(over: dict | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(dict(
         task="toy_regress", seed=0, total_steps=12, batch_size=16, log_every=1, checkpoint_every=4, eval_every=0,
         image_every=0, keep_checkpoints=2, mesh=dict(data=-1, fsdp=1, tensor=1), precision="float32", remat="none",
-        grad_accum=1, eval_batch_size=0,
+        grad_accum=1, eval_batch_size=0, on_nonfinite="stop",
         optim=dict(lr=1e-2, min_lr=1e-4, warmup_steps=2, weight_decay=0.05, b1=0.9, b2=0.95, clip_norm=5.0,
                    layer_decay=0.0, schedule="cosine"),
         model=dict(width=16, dropout=0.1), data=dict(n=dict(train=64, val=16, test=16), worker_count=0),
