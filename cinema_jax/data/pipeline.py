@@ -133,8 +133,18 @@ def train_dataset(task: Any, config: Any, process_index: int = 0, process_count:
     if worker_count > 0:
         _ensure_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                         per_worker_buffer_size=int(_cfg(data, "worker_buffer", 1))))
+                                                         per_worker_buffer_size=int(_cfg(data, "worker_buffer", 1))),
+                            worker_init_fn=_worker_ignores_sigterm)
     return it
+
+
+def _worker_ignores_sigterm(worker_index: int, worker_count: int) -> None:
+    """A scheduler's SIGTERM goes to the whole process group: data workers leave it to the main process, which
+    finishes its step, saves and then closes them (train/preemption.py); killed mid-batch they would leak shared
+    memory and fail the step in flight."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_iterator(task: Any, config: Any, process_index: int = 0, process_count: int = 1,

@@ -108,3 +108,43 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, capsys):
     assert json.loads((work / LOCK).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (work / LOCK).exists()
+
+
+def _process_of(workdir: Path, process_id: int) -> int:
+    """PID of the `cinema-jax train` process `process_id` that launch/local_multiprocess.py started for `workdir`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"--workdir={workdir}".encode() in cmd and f"CINEMA_PROCESS_ID={process_id}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"process {process_id} of {workdir} not found")
+
+
+def test_sigterm_to_one_host_stops_every_host_at_the_same_step(tmp_path):
+    """Multi-host: SIGTERM reaches one process only; JAX's preemption sync point makes both save the same step."""
+    work = tmp_path / "mp"
+    args = [*TOY, "--config.mesh.data=4", "--config.mesh.fsdp=2"]
+    proc = subprocess.Popen([sys.executable, "launch/local_multiprocess.py", "--num-processes=2",
+                             "--devices-per-process=4", "--timeout=600", "--", *args, f"--workdir={work}"],
+                            cwd=ROOT, env=env(SLOW), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_rows(work, 5, proc)
+        os.kill(_process_of(work, 1), signal.SIGTERM)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = out + (work / "process_1.log").read_text()
+    assert proc.returncode == EXIT_PREEMPTED, logs[-3000:]
+    steps = [int(ln.split("stopped after step ")[1].split(",")[0]) for ln in logs.splitlines()
+             if ln.startswith("preempted:")]
+    assert len(steps) == 2 and steps[0] == steps[1], logs[-3000:]  # both processes report, and the same step
+    step = steps[0]
+    assert 5 <= step < 40 and ckpt.latest_step_dir(work).name == str(step)
+    assert (work / "checkpoints" / str(step) / "commit_success.txt").exists()
+    assert [r["step"] for r in read_metrics(work)] == list(range(1, step + 1))
