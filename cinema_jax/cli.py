@@ -89,12 +89,12 @@ def cmd_data(argv: list[str]) -> int:
             write_synthetic_preview(args.preview, seed=args.seed)
             print(f"wrote {args.preview}")
         if args.out:
-            from cinema_jax.data.datasets import write_synthetic_dataset
+            from cinema_jax.data.synthetic import write_synthetic_dataset
 
             write_synthetic_dataset(args.out, n_subjects=args.n_subjects, seed=args.seed, cine=args.cine)
             print(f"wrote {args.n_subjects} subjects to {args.out}")
     elif args.action == "pack":
-        from cinema_jax.data.datasets import pack_layout
+        from cinema_jax.data.layout import pack_layout
 
         if args.no_cine and args.cine_only:
             parser.error("--no-cine and --cine-only exclude each other")
@@ -103,7 +103,7 @@ def cmd_data(argv: list[str]) -> int:
                              with_labels=not args.no_labels)
         print(f"packed {counts} subjects into {args.out_dir}")
     else:
-        from cinema_jax.data.datasets import prepare
+        from cinema_jax.data.prepare import prepare
 
         prepare(args.dataset, args.raw_dir, args.out_dir)
         print(f"prepared {args.dataset} into {args.out_dir}")

@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,22 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
+def _config_package(directory: Path) -> str:
+    """A package standing for `directory`, so config files in it can import their siblings (`from . import
+    common`) wherever the directory is and whatever the working directory."""
+    import types
+
+    name = f"_cinema_configs_{abs(hash(str(directory)))}"
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(directory)]
+        sys.modules[name] = pkg
+    return name
+
+
 def _import_config_module(path: Path):
-    name = f"_cinema_config_{path.stem}_{abs(hash(str(path.resolve())))}"
+    package = _config_package(path.resolve().parent)
+    name = f"{package}.{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import config file {path}")
@@ -267,11 +282,33 @@ def _validate_views(views: Any) -> None:
         raise ConfigError(f"config key 'data.views' repeats a view: {list(names)}")
 
 
+# ------------------------------------------------------------------------------------------------ the one reader
+_REQUIRED = object()
+
+
+def get(cfg: Any, key: str, default: Any = _REQUIRED) -> Any:
+    """`cfg["a"]["b"]` for `key="a.b"` in a ConfigDict / FrozenConfigDict / dict (a config.json read back).
+
+    Without `default` a missing key is a ConfigError naming it: every key a module reads is in the resolved config
+    (the config files define it once), so a misspelt key can never fall back silently to a default. `default` is for
+    the few keys that are optional by design (say so where it is used), e.g. keys older run configs lack."""
+    node = cfg
+    for i, part in enumerate(key.split(".")):
+        present = hasattr(node, "keys") and part in node  # a leaf value where a section was expected: absent
+        if not present:
+            if default is _REQUIRED:
+                where = key if i == 0 else f"{key} (no {'.'.join(key.split('.')[:i + 1])!r})"
+                raise ConfigError(f"config key {where} is missing")
+            return default
+        node = node[part]
+    return node
+
+
 def to_plain(config) -> Any:
-    """ConfigDict -> JSON-friendly nested dicts/lists."""
-    if isinstance(config, ml_collections.ConfigDict):
+    """ConfigDict / FrozenConfigDict / nested mappings and tuples -> JSON-friendly dicts and lists."""
+    if hasattr(config, "to_dict"):
         config = config.to_dict()
-    if isinstance(config, dict):
+    if isinstance(config, Mapping):
         return {str(k): to_plain(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [to_plain(v) for v in config]

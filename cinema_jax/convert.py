@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from cinema_jax.config import get, to_plain
+from cinema_jax.data.phantom import VIEWS
 from cinema_jax.errors import CheckpointError, CinemaError, ConfigError
 
 DICT_MODULES = ("enc_down", "enc_fusion", "dec_embed", "pred_head", "dec_conv_blocks", "dec_down_blocks",
                 "dec_image_conv_block", "decoder")
 KINDS = ("mae", "convvit", "convunetr")
-VIEWS = ("sax", "lax_2c", "lax_3c", "lax_4c")
 # tasks whose checkpoints hold a CineMA model (the export writes the reference's names for those only)
 CINEMA_TASKS = ("pretrain_mae", "segment", "classify", "regress", "landmark")
 _VIEW_RE = r"(sax|lax_2c|lax_3c|lax_4c|cls)"
@@ -231,6 +232,7 @@ def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...] | None:
 def infer_model_config(state_dict: Mapping[str, np.ndarray], kind: str, meta: Mapping | None = None,
                        size: str | None = None, image_size: Mapping[str, Any] | None = None) -> dict:
     """Model config (see cinema_jax.models) from a reference state dict, plus meta.json / size table / defaults."""
+    from cinema_jax.models import default_image_size
     from cinema_jax.models.vit import SIZES
 
     if kind not in KINDS:
@@ -274,7 +276,7 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], kind: str, meta: Ma
     for v in views:
         if v not in sizes:
             pe = _shape(sd, f"enc_down_dict.{v}.pos_embed")
-            default = [192, 192, 16] if v == "sax" else [256, 256]
+            default = list(default_image_size(v))
             sizes[v] = default
             if pe is not None:
                 from cinema_jax.models.conv_stem import effective_patch
@@ -593,19 +595,9 @@ def _model_kind(model: Any) -> str | None:
     return None
 
 
-def export_model(config: Any, source: str) -> tuple[Any, str]:
-    """-> (model, kind) the checkpoint was trained as: a converted import's own model config, else the task's
-    `make_model` (which adds the trained image sizes from `config.data`; `config.model` alone gives the defaults, so
-    the exported pos_embeds would be wrong). CheckpointError for denoise, unknown or missing tasks."""
-    from cinema_jax.tasks.segment import cfg_get
-
-    kind = cfg_get(config, "model_kind")
-    task = str(cfg_get(config, "task", "") or "")
-    if kind is not None and cfg_get(config, "model") is not None:
-        if kind not in KINDS:
-            raise CheckpointError(f"{source}: config.json has unknown model_kind {kind!r}")
-        model_cfg = cfg_get(config, "model")
-        return build_from_config(kind, model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg), kind
+def _check_exportable(config: Any, source: str) -> None:
+    """CheckpointError for a checkpoint with no reference state-dict format: denoise, unknown or missing tasks."""
+    task = str(get(config, "task", "") or "")  # optional: older converted imports name none
     if task == "denoise":
         raise CheckpointError(f"{source}: a denoise (SNRAware) checkpoint; export writes CineMA reference state "
                               "dicts only (exporting SNRAware weights is not supported)")
@@ -614,17 +606,39 @@ def export_model(config: Any, source: str) -> tuple[Any, str]:
                               "its model")
     if task not in CINEMA_TASKS:
         raise CheckpointError(f"{source}: task {task!r} cannot be exported (CineMA tasks: {', '.join(CINEMA_TASKS)})")
-    from cinema_jax.tasks import get_task
 
+
+def export_source(ckpt: str | Path) -> tuple[Any, Any, str]:
+    """-> (params, model, kind) the checkpoint was trained as, params checked against the model: a converted
+    import's own model config (`model_kind`), else the run's task model (`train.restore.load_run`; `make_model` adds
+    the trained image sizes from `config.data`, so the exported pos_embeds are the trained ones)."""
+    import flax.linen as nn
+
+    from cinema_jax.models.transfer import _strip
+    from cinema_jax.train.checkpoint import load_config, load_params
+    from cinema_jax.train.restore import load_run
+
+    config = load_config(ckpt)
+    kind = get(config, "model_kind", None)  # optional: only converted imports carry it
+    if kind is None or get(config, "model", None) is None:
+        _check_exportable(config, str(ckpt))
+        run = load_run(ckpt, CINEMA_TASKS)
+        kind = _model_kind(run.model)
+        if kind is None:
+            raise CheckpointError(f"{ckpt}: task {run.task.name!r} builds a {type(run.model).__name__}, which has no "
+                                  "reference state dict format")
+        return run.params, run.model, kind
+    if kind not in KINDS:
+        raise CheckpointError(f"{ckpt}: config.json has unknown model_kind {kind!r}")
+    params, _ = load_params(ckpt)
+    params = nn.meta.unbox(_strip(params))
+    model = build_from_config(kind, to_plain(get(config, "model")))
     try:
-        model = get_task(task).make_model(config)
-    except Exception as e:  # noqa: BLE001 - a config the model factory rejects is a checkpoint problem here
-        raise CheckpointError(f"{source}: its config does not build a model ({type(e).__name__}: {e})") from None
-    kind = _model_kind(model)
-    if kind is None:
-        raise CheckpointError(f"{source}: task {task!r} builds a {type(model).__name__}, which has no reference "
-                              "state dict format")
-    return model, kind
+        shapes = param_shapes(model, kind, example_inputs(model, kind, 1, _param_in_chans(params, model.views)))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt}: its config does not build a {kind} model ({e})") from None
+    check_params(params, shapes, str(ckpt))  # an export is only meaningful for the exact architecture
+    return params, model, kind
 
 
 def _param_in_chans(params: Mapping, views) -> dict[str, int]:
@@ -638,11 +652,7 @@ def _param_in_chans(params: Mapping, views) -> dict[str, int]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import flax.linen as nn
-
     from cinema_jax.fileutil import check_not_source
-    from cinema_jax.models.transfer import _strip
-    from cinema_jax.train.checkpoint import load_params
 
     if Path(args.out).suffix != ".safetensors":
         raise CheckpointError(f"export writes safetensors: the output name must end in .safetensors, got {args.out}")
@@ -655,22 +665,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         check_not_source(out, (args.ckpt_dir,), "export output")
     except CinemaError as e:
         raise CheckpointError(str(e)) from None
-    try:
-        params, config = load_params(args.ckpt_dir)
-    except CheckpointError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure to restore is a checkpoint problem
-        raise CheckpointError(f"cannot load checkpoint {args.ckpt_dir}: {type(e).__name__}: {e}") from None
-    params = nn.meta.unbox(_strip(params))
-    model, kind = export_model(config, str(args.ckpt_dir))
+    params, model, kind = export_source(args.ckpt_dir)
     if args.kind and args.kind != kind:
         raise CheckpointError(f"{args.ckpt_dir}: holds a {kind} model, not {args.kind} (drop --kind or pass "
                               f"--kind {kind})")
-    try:
-        shapes = param_shapes(model, kind, example_inputs(model, kind, 1, _param_in_chans(params, model.views)))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{args.ckpt_dir}: its config does not build a {kind} model ({e})") from None
-    check_params(params, shapes, str(args.ckpt_dir))  # an export is only meaningful for the exact architecture
     sd = params_to_state_dict(params, model)
     save_state_dict(args.out, sd)
     print(f"exported {len(sd)} tensors ({kind}) from {args.ckpt_dir} -> {args.out}")

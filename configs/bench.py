@@ -1,4 +1,4 @@
-"""Benchmark configs for `python -m cinema_jax.bench --config=configs/bench.py:NAME` (see cinema_jax/bench.py).
+"""Benchmark configs for `python -m cinema_jax.bench --config=configs/bench.py:NAME` (see the cinema_jax/bench package).
 
 Each benchmark embeds the task config it measures as `train` (loaded from configs/mae_pretrain.py, finetune_seg.py,
 denoise.py), so the step timed is exactly the training loop's step for that config; `batch_size`, `precision`,

@@ -8,11 +8,13 @@ Usage: `cinema-jax train --config=configs/denoise.py:smoke --config.noise.gmap_a
 
 import ml_collections
 
+from cinema_jax.data.noise import DEFAULTS as NOISE_DEFAULTS
+
+from . import common
+
 
 def _base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.task = "denoise"
-    c.seed = 0
+    c = common.base("denoise")
     c.total_steps = 100_000
     c.batch_size = 8
     c.log_every = 100
@@ -20,22 +22,12 @@ def _base() -> ml_collections.ConfigDict:
     c.eval_every = 5000
     c.image_every = 5000
     c.keep_checkpoints = 3
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.precision = "float32"
-    c.remat = "none"
-    c.conv = "auto"  # 2-D conv lowering: auto (tuned on CPU, xla on GPU/TPU) | tuned | xla (models.layers.conv2d)
-    c.grad_accum = 1
-    c.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: stop with an error | skip the update (loop.py)
     # reference: Sophia + OneCycle, lr 1e-5 (override), weight decay 0; we use AdamW with warmup + cosine
-    c.optim = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-6, warmup_steps=1000, weight_decay=0.0, b1=0.9,
-                                             b2=0.99, clip_norm=1.0, layer_decay=0.0, schedule="cosine"))
+    c.optim.update(dict(lr=1e-4, min_lr=1e-6, warmup_steps=1000, weight_decay=0.0, b2=0.99, clip_norm=1.0))
     c.model = ml_collections.ConfigDict(dict(size="small", backbone="hrnet", block_str=(), width=0, heads=0,
                                              window=(8, 8), patch=(4, 4), mixer_ratio=4.0, drop_path=0.1,
                                              image_size=()))  # () = the size's build/tile size (small: 64x64)
-    c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",  # synthetic (phantom) | h5 (the reference's HDF5 cases, data.path; variant `h5`)
-        path="",
-        worker_count=0,
+    c.data.update(dict(  # source: synthetic (phantom) | h5 (the reference's HDF5 cases, data.path; variant `h5`)
         views=("lax_2c", "lax_3c", "lax_4c", "sax"),  # sax: the middle `sax_slices` slices are used
         sax_slices=3,
         n_subjects=ml_collections.ConfigDict(dict(train=400, val=16, test=16)),
@@ -49,17 +41,15 @@ def _base() -> ml_collections.ConfigDict:
         matrix_size_ratios=(0.5, 0.75, 1.0, 1.25, 1.5),
         matrix_size_prob=0.5,
     ))
-    # noise synthesis, see cinema_jax.data.noise.DEFAULTS; the phantom is noise-free -> clean_noise_std 0 and the
-    # SNR (of the 95th-percentile magnitude) is drawn directly
-    c.noise = ml_collections.ConfigDict(dict(
+    # noise synthesis: every key of cinema_jax.data.noise.DEFAULTS (each overridable); the phantom is noise-free ->
+    # clean_noise_std 0 and the SNR (of the 95th-percentile magnitude) is drawn directly
+    c.noise = ml_collections.ConfigDict({**NOISE_DEFAULTS, **dict(
         snr_range=(2.0, 40.0), clean_noise_std=0.0, gmap_augment=True, snr_unit=True,
         acceleration=(1, 2, 3, 4), prob_apply_filter_t=0.2,
         on_device=True,  # training noise drawn in the jitted step from the host's plan (cinema_jax.data.noise_device)
-    ))
+    )})
     c.loss = ml_collections.ConfigDict(dict(mse=1.0, charbonnier=1.0, perpendicular=1.0, gaussian3d=1.0, ssim=1.0))
-    c.init_from = ""
-    c.freeze_encoder = False
-    c.early_stopping = ml_collections.ConfigDict(dict(metric="psnr", mode="max", patience=0, min_delta=0.0))
+    c.early_stopping.update(dict(metric="psnr", mode="max"))
     return c
 
 

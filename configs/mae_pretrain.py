@@ -15,31 +15,19 @@ import itertools
 
 import ml_collections
 
-VIEWS = ("sax", "lax_2c", "lax_3c", "lax_4c")
+from cinema_jax.data.phantom import VIEWS
+
+from . import common
 
 
 def _base() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.task = "pretrain_mae"
-    c.seed = 0
-    c.batch_size = 64
-    c.log_every = 50
-    c.checkpoint_every = 1000
-    c.eval_every = 1000
+    c = common.base("pretrain_mae")
     c.image_every = 1000
     c.keep_checkpoints = 3
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.precision = "bfloat16"
     c.remat = "block"
-    c.attention = "explicit"  # softmax attention: explicit (head-major, hand-written grad) | xla | cudnn (GPU)
-    c.conv = "auto"  # conv lowering: auto (tuned on CPU, xla on GPU/TPU) | tuned | xla (models.layers.Conv)
-    c.grad_accum = 1
-    c.on_nonfinite = "stop"  # a NaN/Inf loss or gradient: stop with an error | skip the update (loop.py)
-    c.eval_batch_size = 0  # 0 = batch_size
-    c.data = ml_collections.ConfigDict(dict(
-        source="synthetic",  # synthetic | arrayrecord (data.path) | cinema_layout (data.root); tasks/pretrain_mae.py
-        path="",
-        root="",
+    c.data.update(dict(
+        # synthetic | arrayrecord (data.path) | cinema_layout (data.root); tasks/pretrain_mae.py
         cine=False,  # cinema_layout: read '<pid>_<view>_t.nii.gz' cine files instead of ED/ES
         views=VIEWS,
         sax_size=(192, 192, 16),
@@ -52,9 +40,6 @@ def _base() -> ml_collections.ConfigDict:
         zoom_prob=0.5,
         zoom_range=(0.9, 1.1),
         worker_count=8,
-        read_threads=1,
-        prefetch=2,
-        device_prefetch=2,  # batches sharded onto the mesh ahead of the step (train/prefetch.py)
         worker_buffer=2,
     ))
     c.model = ml_collections.ConfigDict(dict(
@@ -63,11 +48,7 @@ def _base() -> ml_collections.ConfigDict:
     ))
     c.epochs = 800
     c.warmup_epochs = 10
-    c.optim = ml_collections.ConfigDict(dict(lr=1e-3, min_lr=1e-6, warmup_steps=0, weight_decay=0.05, b1=0.9,
-                                             b2=0.95, clip_norm=5.0, layer_decay=0.0, schedule="cosine"))
-    c.init_from = ""
-    c.freeze_encoder = False
-    c.early_stopping = ml_collections.ConfigDict(dict(metric="loss", mode="min", patience=0, min_delta=0.0))
+    c.optim.min_lr = 1e-6
     _epochs_to_steps(c)
     return c
 

@@ -20,12 +20,15 @@ from typing import Any
 import grain
 import numpy as np
 
+from cinema_jax.config import get
+
 EVAL_SEED = 1234
 
 
 class TaskTransform(grain.transforms.RandomMap):
-    """Picklable random map calling `task.transform(record, rng, config, train=True)` (tasks are module singletons,
-    so workers re-import them by name when `task` is a registered task)."""
+    """Random map calling `task.transform(record, rng, config, train=True)`. It pickles for Grain's worker processes
+    as plain attributes: a registered task pickles itself by name (`tasks.base.Task.__reduce_ex__`), so this layer
+    never imports the tasks."""
 
     def __init__(self, task: Any, config: Any):
         self.task = task
@@ -33,26 +36,6 @@ class TaskTransform(grain.transforms.RandomMap):
 
     def random_map(self, element, rng: np.random.Generator):
         return self.task.transform(element, rng, self.config, True)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        name = getattr(self.task, "name", None)
-        try:
-            from cinema_jax.tasks import get_task
-
-            if name and get_task(name) is self.task:
-                state["task"] = ("registered", name)
-        except Exception:  # noqa: BLE001 - unregistered tasks are pickled as they are
-            pass
-        return state
-
-    def __setstate__(self, state):
-        task = state["task"]
-        if isinstance(task, tuple) and task and task[0] == "registered":
-            from cinema_jax.tasks import get_task
-
-            state["task"] = get_task(task[1])
-        self.__dict__.update(state)
 
 
 class ProcessBlock(grain.MapDataset):
@@ -88,13 +71,6 @@ def _ensure_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _cfg(config, key: str, default):
-    try:
-        return config[key] if key in config else default
-    except TypeError:
-        return getattr(config, key, default)
-
-
 def _describe(source) -> str:
     """The innermost data source's repr (a MapDataset.source wrapper names only its class)."""
     inner = getattr(source, "_source", None)
@@ -125,15 +101,14 @@ def train_dataset(task: Any, config: Any, process_index: int = 0, process_count:
     if process_count > 1:
         ds = ProcessBlock(ds, process_index, process_count, local)
     ds = ds.batch(local, drop_remainder=True)
-    data = _cfg(config, "data", {})
     if worker_count is None:
-        worker_count = int(_cfg(data, "worker_count", 0) or 0)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(_cfg(data, "read_threads", 1) or 1),
-                                              prefetch_buffer_size=int(_cfg(data, "prefetch", 2) or 2)))
+        worker_count = int(get(config, "data.worker_count"))
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(get(config, "data.read_threads")),
+                                              prefetch_buffer_size=int(get(config, "data.prefetch"))))
     if worker_count > 0:
         _ensure_absl_flags()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                         per_worker_buffer_size=int(_cfg(data, "worker_buffer", 1))),
+                                                         per_worker_buffer_size=int(get(config, "data.worker_buffer"))),
                             worker_init_fn=_worker_ignores_sigterm)
     return it
 
@@ -173,7 +148,7 @@ def eval_dataset(task: Any, config: Any, split: str = "val", batch_size: int | N
     if len(source) == 0:
         return None
     if batch_size is None:
-        batch_size = int(_cfg(config, "eval_batch_size", 0) or 0) or int(config.batch_size)
+        batch_size = int(get(config, "eval_batch_size")) or int(config.batch_size)
     return source.map_with_index(_eval_map(task, config, seed)).batch(batch_size, drop_remainder=False)
 
 

@@ -1,7 +1,7 @@
 """Optional tensorflow-datasets builders for the synthetic dataset and local CineMA-layout datasets.
 
 Why optional: building with TFDS imports TensorFlow (a large download for 2-core CI machines), so the default path
-writes ArrayRecord directly (`datasets.write_arrayrecord`) and reads it with Grain. Users who prefer the TFDS
+writes ArrayRecord directly (`arrayrecord.write_arrayrecord`) and reads it with Grain. Users who prefer the TFDS
 catalogue workflow install the extra (`pip install .[tfds]`) and then:
 
     from cinema_jax.data import tfds_builders
@@ -10,7 +10,7 @@ catalogue workflow install the extra (`pip install .[tfds]`) and then:
     grain.MapDataset.source(src)  # random access, decoded to numpy
 
 tensorflow_datasets is imported only inside `builders()`; importing this module never needs it.
-Features follow the layout record convention of `cinema_jax.data.datasets` (images float32 in [0, 1], SAX (x, y, z),
+Features follow the layout record convention of `cinema_jax.data.layout` (images float32 in [0, 1], SAX (x, y, z),
 LAX (x, y); labels uint8, 0 BG, 1 RV, 2 MYO, 3 LV).
 """
 
@@ -70,7 +70,7 @@ def builders() -> dict[str, type]:
     find them afterwards.
     """
     tfds = _import_tfds()
-    from cinema_jax.data import datasets, phantom
+    from cinema_jax.data import layout, phantom, synthetic
 
     class CinemaSynthetic(tfds.core.GeneratorBasedBuilder):
         """Built-in synthetic multi-view cine CMR phantom at ED and ES (seeded, deterministic)."""
@@ -94,7 +94,7 @@ def builders() -> dict[str, type]:
 
         def _generate_examples(self, offset: int, n: int):
             for i in range(offset, offset + n):
-                rec = datasets.synthetic_record(self.SEED, i)
+                rec = synthetic.synthetic_record(self.SEED, i)
                 yield rec["pid"], _select(rec, self.info.features.keys())
 
     class CinemaLayout(tfds.core.GeneratorBasedBuilder):
@@ -108,7 +108,7 @@ def builders() -> dict[str, type]:
             "release with `cinema-jax data prepare DATASET RAW_DIR OUT_DIR` and pass OUT_DIR as manual_dir.")
 
         def _info(self):
-            feats = _view_features(tfds, ("sax",), datasets.SAX_SIZE, None, None, True, False)
+            feats = _view_features(tfds, ("sax",), layout.SAX_SIZE, None, None, True, False)
             feats.update({"pid": tfds.features.Text(), **{k: np.float32 for k in _LAYOUT_METADATA}})
             return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(feats))
 
@@ -120,7 +120,7 @@ def builders() -> dict[str, type]:
             return {s: self._generate_examples(root, s) for s in splits}
 
         def _generate_examples(self, root: Path, split: str):
-            src = datasets.CinemaLayoutSource(root, split, ("sax",), with_labels=True)
+            src = layout.CinemaLayoutSource(root, split, ("sax",), with_labels=True)
             for i in range(len(src)):
                 rec = src[i]
                 yield rec["pid"], _select(rec, self.info.features.keys())

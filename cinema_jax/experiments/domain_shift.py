@@ -63,9 +63,11 @@ def run(workdir: str, train_site: str = "A", steps: int = 2000, n_train: int = 2
     """Train both arms once per seed (same data, the seed varies init, dropout and batch order) and evaluate every
     site. One seed writes `<workdir>/<arm>`, several `<workdir>/seed<k>/<arm>`."""
     from cinema_jax.data import pipeline
-    from cinema_jax.tasks.segment import TASK
+    from cinema_jax.tasks import get_task
     from cinema_jax.train.checkpoint import load_params
     from cinema_jax.train.loop import train
+
+    task = get_task("segment")
 
     root = Path(workdir)
     runs: dict = {}
@@ -76,11 +78,11 @@ def run(workdir: str, train_site: str = "A", steps: int = 2000, n_train: int = 2
             wd = root / arm if len(seeds) == 1 else root / f"seed{seed}" / arm
             train(config, wd)
             params, _ = load_params(wd)
-            model = TASK.make_model(config)
+            model = task.make_model(config)
             runs[str(seed)][arm] = {}
             for site in SITES:
                 config.data.sites.test = (site,)
-                m = TASK.evaluate(model, params, pipeline.eval_batches(TASK, config, "test"), config,
+                m = task.evaluate(model, params, pipeline.eval_batches(task, config, "test"), config,
                                   out_dir=wd / f"eval_site_{site}")
                 runs[str(seed)][arm][site] = {k: float(m[k]) for k in METRICS if k in m}
                 print(f"seed {seed} {arm:8s} site {site}: mean Dice {m['mean_dice']:.3f}  LV {m['dice_LV']:.3f}",

@@ -6,7 +6,7 @@ probabilities mapped back to the native DICOM grid, argmax there), then scores o
 LV Dice at ED and ES, MYO Dice at ED (Sunnybrook has epicardial contours at ED only), and LV EF from label-voxel
 counts over the slices contoured at both phases, against the same count on the expert masks. RV is not contoured in
 Sunnybrook and is not scored. Each frame is first percentile-clipped to [0, 1] exactly as `SunnybrookSource` does for
-training (`datasets.normalise_intensity`), so the Sunnybrook fine-tune sees the same intensities at test time; the
+training (`layout.normalise_intensity`), so the Sunnybrook fine-tune sees the same intensities at test time; the
 per-slice z-score of the Chen pipeline follows. Volumes (mL) use the loader's z spacing (DICOM
 ImagePositionPatient step, 10 / 10 / 8 mm); EF is a ratio and does not depend on it.
 
@@ -53,7 +53,8 @@ def finetune_config(root: str, train: list[str], val: list[str], steps: int, ini
 
 
 def evaluate_subjects(ckpt, root, subjects: list[str]) -> list[dict]:
-    from cinema_jax.data.datasets import load_sunnybrook, normalise_intensity
+    from cinema_jax.data.layout import normalise_intensity
+    from cinema_jax.data.sunnybrook import load_sunnybrook
     from cinema_jax.infer import common
     from cinema_jax.infer.segment import predict_frame
     from cinema_jax.metrics.clinical import ejection_fraction, volume_ml
@@ -94,7 +95,7 @@ def lv_ed_labelled_as(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 def run(workdir: str, root: str, synthetic_ckpt: str | list[str], init_from: str, train_subjects: list[str],
         steps: int = 2000, size: int = 32, spacing: float = 6.0, seed: int = 0) -> dict:
-    from cinema_jax.data.datasets import load_sunnybrook
+    from cinema_jax.data.sunnybrook import load_sunnybrook
     from cinema_jax.train.loop import train
 
     all_ids = [s.pid for s in load_sunnybrook(root)]
@@ -124,7 +125,7 @@ SUMMARY_KEYS = ("dice_LV_ed", "dice_LV_es", "dice_MYO_ed", "pred_lv_edv", "pred_
 def summarise(rows: list[dict]) -> dict[str, float]:
     """Mean of each summary key over the test subjects, skipping undefined values (an EF where no LV was predicted);
     NaN when no subject has one."""
-    from cinema_jax.tasks.segment import nanmean
+    from cinema_jax.tasks.common import nanmean
 
     return {k: nanmean(r[k] for r in rows) for k in SUMMARY_KEYS}
 

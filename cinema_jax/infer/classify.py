@@ -51,10 +51,10 @@ def run(ckpt, input, output, ed_frame: int | None = None, es_frame: int | None =
         summary["probabilities"] = {n: round(float(p), 4) for n, p in zip(names, probs)}
         summary["prediction"] = names[int(np.argmax(probs))]
     else:
-        from cinema_jax.tasks.segment import cfg_get
+        from cinema_jax.config import get
 
         mean, std = loaded.task.stats(loaded.config)
-        summary["target"] = str(cfg_get(loaded.config, "data.target", "lv_ef"))
+        summary["target"] = str(get(loaded.config, "data.target"))
         summary["prediction"] = float(out[0] * std + mean)
     with atomic_dir(output, overwrite=overwrite, sources=sources) as tmp:
         z = cine.shape[2] // 2

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from cinema_jax.data import augment as aug
-from cinema_jax.errors import CheckpointError, DataError
+from cinema_jax.errors import CheckpointError, CinemaError, DataError
 
 MIN_FOV_MM = 60.0  # a field of view smaller than this cannot hold a heart
 MIN_PIXELS = 16
@@ -42,34 +42,19 @@ class Loaded:
 
 def load_model(ckpt: str | Path, tasks: Sequence[str]) -> Loaded:
     """Load `ckpt` (a training workdir -> best else latest, or a checkpoint dir), check its task is one of `tasks`
-    and that its params fit the model its config describes (CheckpointError otherwise)."""
-    import flax.linen as nn
-    import jax
+    and that its params fit the model its config describes (CheckpointError otherwise: `train.restore.load_run`)."""
+    from cinema_jax.config import get
+    from cinema_jax.tasks.common import task_view
+    from cinema_jax.train.restore import load_run
 
-    from cinema_jax.tasks import get_task
-    from cinema_jax.tasks.segment import cfg_get, task_view
-    from cinema_jax.train.checkpoint import check_params, load_params
-
-    params, config = load_params(ckpt)
-    name = str(cfg_get(config, "task", ""))
-    if not name:
-        raise CheckpointError(f"{ckpt}: no config.json naming the task next to the checkpoint; this command needs "
-                              f"a {' or '.join(repr(t) for t in tasks)} run")
-    if name not in tasks:
-        raise CheckpointError(f"{ckpt}: checkpoint was trained for task {name!r}; this command needs "
-                              f"{' or '.join(repr(t) for t in tasks)}")
-    task = get_task(name)
-    try:
-        model = task.make_model(config)
-        view = task_view(config)
-        example = task.example_batch(config, 1)
-        abstract = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, **task.model_inputs(example),
-                                                     train=False))
-    except Exception as err:  # noqa: BLE001 - a config the model factory rejects is a checkpoint problem here
-        raise CheckpointError(f"{ckpt}: its config does not build a model ({type(err).__name__}: {err})") from None
-    params = params.get("params", params) if isinstance(params, dict) else params
-    check_params(params, nn.meta.unbox(abstract["params"]), ckpt)
-    return Loaded(task, model, params, config, view, str(ckpt))
+    run = load_run(ckpt, tasks)
+    view = ""  # the denoiser has no single view (it reads several)
+    if get(run.config, "data.view", None) is not None:
+        try:
+            view = task_view(run.config)
+        except CinemaError as err:
+            raise CheckpointError(f"{ckpt}: its config does not build a model ({err})") from None
+    return Loaded(run.task, run.model, run.params, run.config, view, str(ckpt))
 
 
 def check_output(output: str | Path, overwrite: bool = False, sources=()) -> None:
@@ -173,7 +158,7 @@ class Prep:
 
 def preprocess(image: np.ndarray, spacing: Sequence[float], config, view: str) -> Prep:
     """Evaluation preprocessing of one frame (x, y[, z]) exactly as the task's `transform(train=False)`."""
-    from cinema_jax.tasks.segment import augment_config
+    from cinema_jax.tasks.common import augment_config
 
     cfg = augment_config(config, view, train=False)
     out = aug.chen_pipeline(image, None, spacing, np.random.default_rng(0), cfg, False)

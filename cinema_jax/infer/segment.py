@@ -36,7 +36,7 @@ def z_windows(nz: int, depth: int) -> list[int]:
 
 def predict_frame(loaded: common.Loaded, fn, frame: np.ndarray, spacing) -> np.ndarray:
     """One frame (x, y[, z]) -> uint8 labels on the input grid."""
-    from cinema_jax.tasks.segment import model_image_size
+    from cinema_jax.tasks.common import model_image_size
 
     size = model_image_size(loaded.config, loaded.view)
     prep = common.preprocess(frame, spacing, loaded.config, loaded.view)

@@ -20,11 +20,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cinema_jax.models.conv_stem import CONV_NORM_EPS, DownsampleEncoder, effective_patch
+from cinema_jax.models.conv_stem import CONV_NORM_EPS
+from cinema_jax.models.encoder import MultiViewEncoder, per_view, split_views
 from cinema_jax.models.layers import PatchConvTranspose, conv, gelu, layer_norm, remat_wrap
-from cinema_jax.models.mae import as_view_dict, per_view
-from cinema_jax.models.patchify import grid_size
-from cinema_jax.models.vit import ViTEncoder
 
 Dtype = Any
 Array = jax.Array
@@ -126,45 +124,25 @@ class UpsampleDecoder(nn.Module):
         return x
 
 
-class ConvUNetR(nn.Module):
-    """Multi-view ConvUNetR. `dec_patch_size` / `dec_scale_factor`: 3-tuples (LAX uses 2) or per-view mappings."""
+class ConvUNetR(MultiViewEncoder):
+    """Multi-view ConvUNetR: the shared encoder without fusion (`encoder.MultiViewEncoder`) + a UNETR decoder per
+    view. `dec_patch_size` / `dec_scale_factor`: 3-tuples (LAX uses 2) or per-view mappings."""
 
-    image_sizes: Any
     out_chans: int = 4
-    patch_size: Any = (4, 4, 1)
-    scale_factor: Any = (2, 2, 1)
-    conv_chans: tuple[int, ...] = (64, 128)
-    conv_n_blocks: int = 2
-    enc_embed_dim: int = 768
-    enc_depth: int = 12
-    enc_n_heads: int = 12
     dec_chans: tuple[int, ...] = (32, 64, 128, 256, 512)
     dec_patch_size: Any = (2, 2, 1)
     dec_scale_factor: Any = (2, 2, 1)
     dec_kernel_size: int = 3
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    norm_eps: float = 1e-5
     dropout: float = 0.0
-    drop_path: float = 0.0
-    dtype: Dtype = jnp.float32
-    remat: str = "none"
-    attention_impl: str | None = None
-    conv_impl: str = "auto"
 
-    @property
-    def views(self) -> tuple[str, ...]:
-        return tuple(as_view_dict(self.image_sizes))
-
-    def view_geometry(self, view: str):
-        size = tuple(int(s) for s in as_view_dict(self.image_sizes)[view])
-        nd = len(size)
-        return (size, per_view(self.patch_size, view, nd), per_view(self.scale_factor, view, nd),
-                per_view(self.dec_patch_size, view, nd), per_view(self.dec_scale_factor, view, nd))
+    def decoder_geometry(self, view: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(decoder patch size, decoder scale factor) of a view."""
+        nd = len(self.view_geometry(view)[0])
+        return per_view(self.dec_patch_size, view, nd), per_view(self.dec_scale_factor, view, nd)
 
     def levels(self) -> tuple[int, int]:
-        found = {unetr_levels(p, s, len(self.conv_chans), len(self.dec_chans), dp, ds)
-                 for _, p, s, dp, ds in (self.view_geometry(v) for v in self.views)}
+        found = {unetr_levels(*self.view_geometry(v)[1:], len(self.conv_chans), len(self.dec_chans),
+                              *self.decoder_geometry(v)) for v in self.views}
         if len(found) != 1:
             raise ValueError(f"all views must give the same decoder level layout, got {sorted(found)}")
         return found.pop()
@@ -174,12 +152,10 @@ class ConvUNetR(nn.Module):
         chans = tuple(self.dec_chans)
         heavy = self.remat == "full"  # the conv stem and every conv block of the decoder are recomputed too
         res_block = res_block_class(heavy)
-        stems, image_blocks, downs, adapters, decoders, heads = {}, {}, {}, {}, {}, {}
+        self.setup_encoder(fusion=False)
+        image_blocks, downs, adapters, decoders, heads = {}, {}, {}, {}, {}
         for v in self.views:
-            size, p, s, dp, ds = self.view_geometry(v)
-            nd = len(size)
-            stems[v] = DownsampleEncoder(size, p, s, tuple(self.conv_chans), self.conv_n_blocks, self.enc_embed_dim,
-                                         self.dtype, heavy, self.conv_impl)
+            dp, ds = self.decoder_geometry(v)
             image_blocks[v] = res_block(chans[0], self.dec_kernel_size, self.dropout, self.dtype, self.conv_impl)
             downs[v] = [conv(self.enc_embed_dim, ds, self.enc_embed_dim, self.dtype, strides=ds, padding="VALID")
                         for _ in range(n_down)]
@@ -187,10 +163,7 @@ class ConvUNetR(nn.Module):
             outs += [chans[no_skip + len(self.conv_chans) + i] for i in range(n_down + 1)]
             adapters[v] = [res_block(o, self.dec_kernel_size, self.dropout, self.dtype, self.conv_impl) for o in outs]
             decoders[v] = UpsampleDecoder(chans, dp, ds, self.dec_kernel_size, self.dtype, heavy, self.conv_impl)
-            heads[v] = conv(self.out_chans, (1,) * nd, chans[0], self.dtype)
-        self.enc_down = stems
-        self.encoder = ViTEncoder(self.enc_embed_dim, self.enc_depth, self.enc_n_heads, self.mlp_ratio, self.qkv_bias,
-                                  self.norm_eps, self.drop_path, self.dtype, self.remat, self.attention_impl)
+            heads[v] = conv(self.out_chans, (1,) * len(dp), chans[0], self.dtype)
         self.dec_image_conv_block = image_blocks
         self.dec_down_blocks = downs
         self.dec_conv_blocks = adapters
@@ -198,26 +171,12 @@ class ConvUNetR(nn.Module):
         self.pred_head = heads
 
     def __call__(self, images: Mapping[str, Array], train: bool = False) -> dict[str, Array]:
-        unknown = [v for v in images if v not in self.views]
-        if unknown:
-            raise ValueError(f"views {unknown} are not configured (model views: {list(self.views)})")
-        views = [v for v in self.views if v in images]
-        if not views:
-            raise ValueError("no input views given")
+        views = self.input_views(images)
         no_skip, _ = self.levels()
-        skips, xs, grids = {}, [], {}
-        for v in views:
-            _, p, s, _, _ = self.view_geometry(v)
-            grids[v] = grid_size(images[v].shape[1:-1], effective_patch(p, s, len(self.conv_chans)))
-            skips[v], x = self.enc_down[v](images[v], None)
-            xs.append(x)
-        x = self.encoder(jnp.concatenate(xs, axis=1), train)
+        skips, x, grids = self.encode(images, views, train)
         out = {}
-        start = 1
-        for v in views:
-            n = math.prod(grids[v])
-            level = x[:, start:start + n].reshape((x.shape[0],) + grids[v] + (x.shape[-1],))
-            start += n
+        for v, tokens in split_views(x, {v: math.prod(g) for v, g in grids.items()}):
+            level = tokens.reshape((x.shape[0],) + grids[v] + (x.shape[-1],))
             feats = list(skips[v]) + [level]
             for down in self.dec_down_blocks[v]:
                 level = down(level)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cinema_jax.models.convunetr import ConvUNetR
+from cinema_jax.models.encoder import default_image_size
 
 Array = jax.Array
 
@@ -45,7 +46,9 @@ def landmark_heatmaps(coords: Array, shape: Sequence[int], sigma: float = 3.0) -
     return jnp.exp(-((gx - cx) ** 2 + (gy - cy) ** 2) / (2.0 * sigma**2))
 
 
-def heatmap_model(view: str = "lax_4c", image_size: Sequence[int] = (256, 256), n_landmarks: int = 3,
+def heatmap_model(view: str = "lax_4c", image_size: Sequence[int] | None = None, n_landmarks: int = 3,
                   **kwargs) -> ConvUNetR:
-    """A ConvUNetR with one output channel per landmark (apply sigmoid for probabilities)."""
-    return ConvUNetR(image_sizes=((view, tuple(int(s) for s in image_size)),), out_chans=n_landmarks, **kwargs)
+    """A ConvUNetR with one output channel per landmark (apply sigmoid for probabilities); `image_size` defaults to
+    the view's CineMA size."""
+    size = tuple(int(s) for s in (image_size or default_image_size(view)))
+    return ConvUNetR(image_sizes=((view, size),), out_chans=n_landmarks, **kwargs)

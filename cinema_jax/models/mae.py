@@ -24,7 +24,7 @@ Call contract (the train loop relies on it):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -32,48 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cinema_jax.models.conv_stem import DownsampleEncoder, MultiScaleFusion, effective_patch
+from cinema_jax.models.encoder import MultiViewEncoder, split_views
 from cinema_jax.models.layers import boxed, dense, xavier_uniform, zeros
-from cinema_jax.models.patchify import (
-    gather_tokens,
-    grid_size,
-    mask_indices,
-    n_keep_for,
-    patchify,
-    random_mask,
-)
+from cinema_jax.models.patchify import gather_tokens, grid_size, mask_indices, n_keep_for, patchify, random_mask
 from cinema_jax.models.pos_embed import pos_embed_for_grid
-from cinema_jax.models.vit import ViTDecoder, ViTEncoder, token_init
+from cinema_jax.models.vit import ViTDecoder, token_init
 
 Dtype = Any
 Array = jax.Array
-VIEWS = ("sax", "lax_2c", "lax_3c", "lax_4c")
-
-
-def as_view_dict(value) -> dict:
-    """Accept a mapping or a tuple of (key, value) pairs (hashable form for Linen fields)."""
-    if isinstance(value, Mapping):
-        return dict(value)
-    return {k: v for k, v in value}
-
-
-def freeze_view_dict(value) -> tuple:
-    """Hashable (key, value) pair tuple with tuple values, for module fields."""
-    out = []
-    for k, v in as_view_dict(value).items():
-        out.append((str(k), tuple(int(a) for a in v) if isinstance(v, Sequence) else v))
-    return tuple(out)
-
-
-def per_view(value, view: str, ndim: int) -> tuple[int, ...]:
-    """A per-view tuple from either a mapping/pairs (per view) or one 3D tuple truncated to the view's dims."""
-    if isinstance(value, Mapping) or (isinstance(value, tuple) and value and isinstance(value[0], tuple)
-                                      and len(value[0]) == 2 and isinstance(value[0][0], str)):
-        value = as_view_dict(value)[view]
-    out = tuple(int(v) for v in value)
-    if len(out) < ndim:
-        raise ValueError(f"{view}: size {out} has fewer than {ndim} dims")
-    return out[:ndim]
 
 
 def static_n_keep(mask: Array, ratio: float) -> int:
@@ -116,106 +82,44 @@ class MaskToken(nn.Module):
         return self.param("mask_token", boxed(token_init, (None, None, "embed")), (1, 1, self.dim), jnp.float32)
 
 
-class CineMA(nn.Module):
-    """Multi-view ConvViT MAE. `image_sizes`: {view: configured size} (dict or (view, size) pairs), order = token order.
+class CineMA(MultiViewEncoder):
+    """Multi-view ConvViT MAE: the shared encoder (`encoder.MultiViewEncoder`) + a CrossMAE decoder.
 
-    `patch_size` / `scale_factor`: 3-tuples (LAX views use the first two entries) or per-view mappings.
     Input channels are inferred from the images (the prediction heads output prod(patch) * C pixels).
     """
 
-    image_sizes: Any
-    patch_size: Any = (4, 4, 1)
-    scale_factor: Any = (2, 2, 1)
-    conv_chans: tuple[int, ...] = (64, 128)
-    conv_n_blocks: int = 2
-    enc_embed_dim: int = 768
-    enc_depth: int = 12
-    enc_n_heads: int = 12
     dec_embed_dim: int = 512
     dec_depth: int = 8
     dec_n_heads: int = 16
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    norm_eps: float = 1e-5
     norm_target: bool = False
     mask_ratio: float = 0.75
-    drop_path: float = 0.0
-    dtype: Dtype = jnp.float32
-    remat: str = "none"
-    attention_impl: str | None = None
-    conv_impl: str = "auto"
-
-    @property
-    def views(self) -> tuple[str, ...]:
-        return tuple(as_view_dict(self.image_sizes))
-
-    def view_geometry(self, view: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        """(configured image size, first patch size, scale factor) of a view."""
-        size = tuple(int(s) for s in as_view_dict(self.image_sizes)[view])
-        nd = len(size)
-        return size, per_view(self.patch_size, view, nd), per_view(self.scale_factor, view, nd)
 
     def dec_patch(self, view: str) -> tuple[int, ...]:
-        _, p, s = self.view_geometry(view)
-        return effective_patch(p, s, len(self.conv_chans))
+        """Pixels per predicted patch: the encoder's token patch."""
+        return self.token_patch(view)
 
     def setup(self):
-        heavy = self.remat == "full"
-        stems, fusions, tokens = {}, {}, {}
-        for v in self.views:
-            size, p, s = self.view_geometry(v)
-            stems[v] = DownsampleEncoder(size, p, s, tuple(self.conv_chans), self.conv_n_blocks, self.enc_embed_dim,
-                                         self.dtype, heavy, self.conv_impl)
-            fusions[v] = MultiScaleFusion(self.enc_embed_dim, self.norm_eps, self.dtype)
-            tokens[v] = MaskToken(self.dec_embed_dim)
-        self.enc_down = stems
-        self.enc_fusion = fusions
-        self.encoder = ViTEncoder(self.enc_embed_dim, self.enc_depth, self.enc_n_heads, self.mlp_ratio, self.qkv_bias,
-                                  self.norm_eps, self.drop_path, self.dtype, self.remat, self.attention_impl)
+        self.setup_encoder()
         self.dec_linear = dense(self.dec_embed_dim, ("embed", None), self.dtype)
-        self.dec_embed = tokens
+        self.dec_embed = {v: MaskToken(self.dec_embed_dim) for v in self.views}
         self.decoder = ViTDecoder(self.dec_embed_dim, self.dec_depth, self.dec_n_heads, self.mlp_ratio, self.qkv_bias,
                                   self.norm_eps, self.drop_path, self.dtype, self.remat, self.attention_impl)
         # output width depends on the input channels: created lazily through `_head`
         self.pred_head = {v: _LazyHead(self.dtype) for v in self.views}
 
-    def _input_views(self, images: Mapping[str, Array]) -> list[str]:
-        unknown = [v for v in images if v not in self.views]
-        if unknown:
-            raise ValueError(f"views {unknown} are not configured (model views: {list(self.views)})")
-        views = [v for v in self.views if v in images]
-        if not views:
-            raise ValueError("no input views given")
-        return views
-
-    def _grid(self, view: str, image: Array) -> tuple[int, ...]:
-        return grid_size(image.shape[1:-1], self.dec_patch(view))
-
     def features(self, images: Mapping[str, Array], train: bool = False) -> dict[str, Array]:
         """Mask-free encoder features after fusion (reference `feature_forward`)."""
-        views = self._input_views(images)
-        skips, xs, grids = {}, [], {}
-        for v in views:
-            grids[v] = self._grid(v, images[v])
-            skips[v], x = self.enc_down[v](images[v], None)
-            xs.append(x)
-        x = self.encoder(jnp.concatenate(xs, axis=1), train)
-        out = {"cls": x[:, :1]}
-        start = 1
-        for v in views:
-            n = math.prod(grids[v])
-            out[v] = self.enc_fusion[v](skips[v], x[:, start:start + n], grids[v], None)
-            start += n
-        return out
+        views = self.input_views(images)
+        return self.fuse(*self.encode(images, views, train))
 
     def __call__(self, images: Mapping[str, Array], mask: Mapping[str, Array] | None = None,
                  train: bool = False) -> dict[str, Any]:
-        views = self._input_views(images)
+        views = self.input_views(images)
         batch = images[views[0]].shape[0]
         masks, vis_idx, msk_idx, grids = {}, {}, {}, {}
         mask_key = None
         for v in views:
-            grids[v] = self._grid(v, images[v])
+            grids[v] = self.token_grid(v, images[v])
             n = math.prod(grids[v])
             if mask is not None and v in mask:
                 m = jnp.asarray(mask[v]).astype(bool).reshape(batch, n)
@@ -228,34 +132,19 @@ class CineMA(nn.Module):
             masks[v] = m
             vis_idx[v], msk_idx[v] = mask_indices(m, n_keep)
 
-        # stems (masked conv blocks see only visible regions) and visible tokens of every view
-        skips, xs = {}, []
-        for v in views:
-            visible = (~masks[v]).reshape((batch,) + grids[v])
-            skips[v], x = self.enc_down[v](images[v], visible)
-            xs.append(gather_tokens(x, vis_idx[v]))
-        x = self.encoder(jnp.concatenate(xs, axis=1), train)
-
+        # stems (masked conv blocks see only visible regions), the visible tokens of every view through the ViT,
         # fusion of the stem skips at visible positions, then projection to the decoder width
-        fused = [x[:, :1]]
-        start = 1
-        for v in views:
-            k = vis_idx[v].shape[1]
-            fused.append(self.enc_fusion[v](skips[v], x[:, start:start + k], grids[v], vis_idx[v]))
-            start += k
-        x = self.dec_linear(jnp.concatenate(fused, axis=1))
+        skips, x, _ = self.encode(images, views, train, masks, vis_idx)
+        x = self.dec_linear(jnp.concatenate(list(self.fuse(skips, x, grids, vis_idx).values()), axis=1))
 
         # decoder inputs: visible tokens + pos (keys), [cls, mask token + pos] (queries)
         keys, queries = [], [x[:, :1]]
-        start = 1
-        for v in views:
-            k = vis_idx[v].shape[1]
+        for v, tokens in split_views(x, {v: vis_idx[v].shape[1] for v in views}):
             pe = jnp.asarray(pos_embed_for_grid(self.dec_embed_dim, self._config_grid(v), grids[v]), x.dtype)
             pe = jnp.broadcast_to(pe[None], (batch,) + pe.shape)
-            keys.append(x[:, start:start + k] + gather_tokens(pe, vis_idx[v]))
+            keys.append(tokens + gather_tokens(pe, vis_idx[v]))
             token = jnp.asarray(self.dec_embed[v](), x.dtype)
             queries.append(token + gather_tokens(pe, msk_idx[v]))
-            start += k
         n_masked = [msk_idx[v].shape[1] for v in views]
         y = self.decoder(jnp.concatenate(queries, axis=1), jnp.concatenate(keys, axis=1), sum(n_masked), train)
 
@@ -277,8 +166,7 @@ class CineMA(nn.Module):
         return {"loss": loss, "pred": preds, "mask": masks, "target": targets, "metrics": metrics}
 
     def _config_grid(self, view: str) -> tuple[int, ...]:
-        size, _, _ = self.view_geometry(view)
-        return grid_size(size, self.dec_patch(view))
+        return grid_size(self.view_geometry(view)[0], self.dec_patch(view))
 
 
 class _LazyHead(nn.Module):

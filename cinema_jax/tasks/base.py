@@ -24,6 +24,19 @@ class Task:
     eval_metric: str = "loss"
     eval_mode: str = "min"  # 'max' | 'min'
 
+    def __reduce_ex__(self, protocol):
+        """A registered task pickles as its name (Grain workers re-import the module singleton, with its caches);
+        an unregistered one as its class and state."""
+        from cinema_jax.errors import ConfigError
+        from cinema_jax.tasks import get_task
+
+        try:
+            if self.name and get_task(self.name) is self:
+                return get_task, (self.name,)
+        except ConfigError:
+            pass
+        return super().__reduce_ex__(protocol)
+
     def configure(self, config) -> Task:
         """Hook to read task options from the config before training (default: nothing)."""
         del config

@@ -16,15 +16,15 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from cinema_jax.config import get
 from cinema_jax.data import augment as aug
+from cinema_jax.data.phantom import VIEWS
 from cinema_jax.errors import ConfigError, DataError
-from cinema_jax.tasks.segment import (
+from cinema_jax.tasks.base import Task
+from cinema_jax.tasks.common import (
     PID_BYTES,
-    VIEWS,
-    _out_dir,
-    _TaskBase,
     augment_config,
-    cfg_get,
+    eval_out_dir,
     fit_depth,
     load_frame,
     make_source,
@@ -63,7 +63,7 @@ def preprocess_study(stack: np.ndarray, spacing, rng: np.random.Generator, confi
     return out.astype(np.float32)
 
 
-class StudyTask(_TaskBase):
+class StudyTask(Task):
     """Shared ED+ES study-level plumbing for classification and regression (ConvViT)."""
 
     name = "study"
@@ -127,7 +127,7 @@ class ClassifyTask(StudyTask):
     eval_mode = "max"
 
     def class_names(self, config) -> tuple[str, ...]:
-        names = cfg_get(config, "data.classes")
+        names = get(config, "data.classes")
         if names:
             return tuple(str(n) for n in names)
         from cinema_jax.data.phantom import PHENOTYPES
@@ -140,7 +140,7 @@ class ClassifyTask(StudyTask):
     def target(self, meta: dict, config, example: bool = False):
         if example:
             return np.int32(0)
-        col = str(cfg_get(config, "data.target", "phenotype"))
+        col = str(get(config, "data.target"))
         if col not in meta:
             raise DataError(f"record has no '{col}' column for the class target (data.target)")
         value = meta[col]
@@ -177,7 +177,7 @@ class ClassifyTask(StudyTask):
         probs = scipy.special.softmax(logits, axis=-1)
         summary = classification_metrics(y.astype(np.int64), probs, len(names)) if len(y) else {}
         summary["n_samples"] = float(len(y))
-        out_dir = _out_dir(config, out_dir)
+        out_dir = eval_out_dir(config, out_dir)
         if out_dir:
             rows = [{**ids[i], "true": names[int(y[i])], "pred": names[int(probs[i].argmax())],
                      **{f"p_{n}": float(probs[i, k]) for k, n in enumerate(names)}} for i in range(len(y))]

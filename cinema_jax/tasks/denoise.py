@@ -2,7 +2,7 @@
 
 `data.source`: 'synthetic' (default): light records (phantom seed, subject index, view, slice), the clean complex
 2D+T slice rendered in the worker (cached per process); 'h5': the reference's training files (`data.path`; HDF5
-`/<group>/<case>/{image, gmap}`, `datasets.H5CaseSource`), clean images in SNR units with their own g-maps, one of
+`/<group>/<case>/{image, gmap}`, `h5cases.H5CaseSource`), clean images in SNR units with their own g-maps, one of
 which (or, 1 time in N + 1, none) is the noise field of a sample, flipped and resized with the image; use the `h5`
 config variant (noise level drawn as in the reference, clean noise std 1). `transform` synthesises the noise
 (`cinema_jax.data.noise`) and crops. Sample layout (no batch dim):
@@ -21,22 +21,12 @@ import math
 
 import numpy as np
 
+from cinema_jax.config import get
 from cinema_jax.data import noise as noise_lib
-
-try:  # the shared base class (train owner); the protocol is duck-typed, so the task works without it
-    from cinema_jax.tasks.base import Task as _TaskBase
-except ImportError:  # pragma: no cover - only while base.py is absent
-    _TaskBase = object
+from cinema_jax.tasks.base import Task
 
 FOV_MM = 256.0
 SNR_NORM_PERCENTILE = 99.0
-
-
-def _cfg_get(cfg, key, default=None):
-    try:
-        return cfg[key] if key in cfg else default
-    except TypeError:
-        return getattr(cfg, key, default)
 
 
 @functools.lru_cache(maxsize=64)
@@ -55,7 +45,7 @@ def render_slice(seed: int, index: int, view: str, slice_index: int, size: tuple
 
 def noise_config(config, train: bool) -> dict:
     """Noise config for a sample: the config's `noise` for training; the full method for evaluation."""
-    cfg = noise_lib.merge_config(dict(config.noise) if hasattr(config, "noise") else {})
+    cfg = noise_lib.merge_config(get(config, "noise"))
     if not train:
         cfg["gmap_augment"], cfg["snr_unit"] = True, True
     return cfg
@@ -63,8 +53,8 @@ def noise_config(config, train: bool) -> dict:
 
 def to_model_units(noisy: np.ndarray, gmap: np.ndarray, config) -> tuple[np.ndarray, float]:
     """SNR-unit complex (X, Y, T) + g-map -> model input (X, Y, T, 3) and the scale back to SNR units."""
-    gmap_on = bool(config.noise.get("gmap_augment", True))
-    snr_unit = bool(config.noise.get("snr_unit", True))
+    gmap_on = bool(get(config, "noise.gmap_augment"))
+    snr_unit = bool(get(config, "noise.snr_unit"))
     scale = 1.0
     if not snr_unit:
         scale = float(np.percentile(np.abs(noisy), SNR_NORM_PERCENTILE)) or 1.0
@@ -105,14 +95,13 @@ def noise_plan_sample(clean, g, rng: np.random.Generator, ncfg: dict, crop, shuf
 
 def on_device(config) -> bool:
     """True when training samples leave the noise to the accelerator (`noise.on_device`)."""
-    return bool(_cfg_get(_cfg_get(config, "noise", {}) or {}, "on_device", False))
+    return bool(get(config, "noise.on_device"))
 
 
 def loss_weights_from_config(config) -> tuple[tuple[str, float], ...]:
     """`config.loss` as sorted (name, weight) pairs (hashable: it is a field of the Linen model); unknown terms ->
     ConfigError."""
-    raw = _cfg_get(config, "loss", None)
-    weights = dict(DEFAULT_LOSS_WEIGHTS) if raw is None else {str(k): float(v) for k, v in dict(raw).items()}
+    weights = {str(k): float(v) for k, v in dict(get(config, "loss")).items()}
     unknown = sorted(set(weights) - set(DEFAULT_LOSS_WEIGHTS))
     if unknown:
         from cinema_jax.errors import ConfigError
@@ -145,7 +134,7 @@ def _weighted_model_class():
     return WeightedDenoisingModel
 
 
-class DenoiseTask(_TaskBase):
+class DenoiseTask(Task):
     """Task protocol implementation for SNRAware denoising (see module docstring for the sample layout)."""
 
     name = "denoise"
@@ -161,16 +150,16 @@ class DenoiseTask(_TaskBase):
         m = config.model
         over = dict(block_str=tuple(m.block_str) or None, width=m.width or None, heads=m.heads or None,
                     window=tuple(m.window), patch=tuple(m.patch), mixer_ratio=m.mixer_ratio, drop_path=m.drop_path,
-                    image_size=tuple(m.get("image_size", ())) or None,  # build (tile) size; () = the size's
-                    conv=str(_cfg_get(config, "conv", "auto")))
+                    image_size=tuple(get(config, "model.image_size")) or None,  # build (tile) size; () = the size's
+                    conv=str(get(config, "conv")))
         if m.size == "tiny":  # tiny keeps its own window/patch unless the config changes them from the defaults
             over.pop("window") if tuple(m.window) == (8, 8) else None
             over.pop("patch") if tuple(m.patch) == (4, 4) else None
-        dtype = jnp.bfloat16 if _cfg_get(config, "precision", "float32") == "bfloat16" else jnp.float32
+        dtype = jnp.bfloat16 if get(config, "precision") == "bfloat16" else jnp.float32
         weights = loss_weights_from_config(config)
         return make_denoise_model(m.size, backbone=m.backbone, dtype=dtype,
-                                  remat=_cfg_get(config, "remat", "none"), loss_weights=weights,
-                                  snr_unit=bool(config.noise.get("snr_unit", True)), **over)
+                                  remat=get(config, "remat"), loss_weights=weights,
+                                  snr_unit=bool(get(config, "noise.snr_unit")), **over)
 
     # ---------------------------------------------------------------------------------------- data
     def records(self, config, split: str) -> list[dict]:
@@ -194,11 +183,11 @@ class DenoiseTask(_TaskBase):
 
         if split not in ("train", "val", "test"):
             raise ConfigError(f"unknown split {split!r}; use train, val or test")
-        name = str(config.data.get("source", "synthetic"))
+        name = str(get(config, "data.source"))
         if name == "h5":
-            from cinema_jax.data import datasets
+            from cinema_jax.data import sources
 
-            return grain.MapDataset.source(datasets.h5_source(config.data, split))
+            return grain.MapDataset.source(sources.h5_source(config.data, split))
         if name != "synthetic":
             raise ConfigError(f"data.source={name!r} is unknown for denoising; choose from synthetic, h5")
         return grain.MapDataset.source(self.records(config, split))
@@ -224,7 +213,7 @@ class DenoiseTask(_TaskBase):
             k = int(rng.integers(0, gmaps.shape[-1] + 1)) if train else 0
             g = gmaps[..., k] if k < gmaps.shape[-1] else np.ones(gmaps.shape[:3], np.float32)
         crop = tuple(int(v) for v in (d.crop if train else d.eval_crop))
-        prob = float(d.get("matrix_size_prob", 0.0))
+        prob = float(get(d, "matrix_size_prob"))
         if train and prob > 0 and rng.random() < prob:  # no draw at prob 0: earlier runs' streams are unchanged
             fits = [r for r in d.matrix_size_ratios
                     if round(r * clean.shape[0]) >= crop[0] and round(r * clean.shape[1]) >= crop[1]]
@@ -252,7 +241,7 @@ class DenoiseTask(_TaskBase):
         if train and rng.random() < float(d.frame_shuffle_prob):
             order = rng.permutation(noisy.shape[2])
             noisy, cl, g = noisy[..., order], cl[..., order], g[..., order]
-        if train and not config.noise.get("snr_unit", True):
+        if train and not get(config, "noise.snr_unit"):
             scale = float(np.percentile(np.abs(noisy), SNR_NORM_PERCENTILE)) or 1.0
             image = np.stack([noisy.real / scale, noisy.imag / scale, g], -1).astype(np.float32)
             noisy, cl = noisy / scale, cl / scale  # ablation: 'SNR units' of this sample are its own scale

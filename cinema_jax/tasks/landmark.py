@@ -19,16 +19,16 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from cinema_jax.config import get
 from cinema_jax.data import augment as aug
+from cinema_jax.data.phantom import VIEWS
 from cinema_jax.errors import ConfigError, DataError
-from cinema_jax.tasks.segment import (
+from cinema_jax.tasks.base import Task
+from cinema_jax.tasks.common import (
     PHASES,
     PID_BYTES,
-    VIEWS,
-    _out_dir,
-    _TaskBase,
     augment_config,
-    cfg_get,
+    eval_out_dir,
     load_frame,
     make_source,
     model_config,
@@ -64,13 +64,13 @@ def _rel(p):
     return p - (total - p) / 2.0 if p.shape[1] == 3 else p - jnp.mean(p, 1, keepdims=True)
 
 
-class LandmarkTask(_TaskBase):
+class LandmarkTask(Task):
     name = "landmark"
     eval_metric = "mean_distance"
     eval_mode = "min"
 
     def kind(self, config) -> str:
-        k = str(cfg_get(config, "model.kind", "heatmap"))
+        k = str(get(config, "model.kind"))
         if k not in KINDS:
             raise ConfigError(f"model.kind={k!r} is unknown; choose from {KINDS}")
         return k
@@ -93,7 +93,7 @@ class LandmarkTask(_TaskBase):
         view = task_view(config)
         phase = str(record.get("phase", "ed"))
         if record.get("kind") == "synthetic" and phase == "train":
-            n_frames = int(cfg_get(config, "data.phantom.n_frames", 25))
+            n_frames = int(get(config, "data.phantom.n_frames"))
             t = int(rng.integers(n_frames))
             rendered, meta = render_synthetic(record, config, view, frames=(t,))
             frame = {"image": rendered[view][0], "spacing": tuple(float(s) for s in rendered[f"{view}_spacing"]),
@@ -209,7 +209,7 @@ class LandmarkTask(_TaskBase):
             summary["gls_mae"] = nanmean(gls_err)
             summary["mapse_mae_mm"] = nanmean(mapse_err)
         summary["n_samples"] = float(len(rows))
-        out_dir = _out_dir(config, out_dir)
+        out_dir = eval_out_dir(config, out_dir)
         if out_dir:
             write_eval_outputs(out_dir, rows, summary)
         return summary

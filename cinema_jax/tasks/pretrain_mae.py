@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cinema_jax.config import get
 from cinema_jax.data import transforms
 from cinema_jax.tasks.base import Task
 
@@ -65,7 +66,7 @@ class PretrainMAE(Task):
         (the config derived `total_steps` from the phantom's subject count before the dataset was known)."""
         import sys
 
-        if str(config.data.get("source", "synthetic")) == "synthetic" or "epochs" not in config:
+        if str(get(config, "data.source")) == "synthetic" or "epochs" not in config:
             return self
         batch = int(config.batch_size)
         per_epoch = max(int(config.data.n_subjects.train) // batch, 1)
@@ -78,12 +79,12 @@ class PretrainMAE(Task):
         print(f"note: pretraining on {n} training records, but total_steps={int(config.total_steps)} was derived "
               f"from data.n_subjects.train={int(config.data.n_subjects.train)}; for {int(config.epochs)} epochs of "
               f"this dataset pass --config.total_steps={int(config.epochs) * steps} "
-              f"--config.optim.warmup_steps={int(config.get('warmup_epochs', 0)) * steps}", file=sys.stderr)
+              f"--config.optim.warmup_steps={int(get(config, 'warmup_epochs')) * steps}", file=sys.stderr)
         return self
 
     def make_model(self, config):
         from cinema_jax.models import build_mae
-        from cinema_jax.tasks.segment import model_runtime  # one reader of the run-time keys for every task
+        from cinema_jax.tasks.common import model_runtime  # one reader of the run-time keys for every task
 
         model_cfg = config.model.to_dict() if hasattr(config.model, "to_dict") else dict(config.model)
         model_cfg["views"] = list(self.views(config))
@@ -95,28 +96,28 @@ class PretrainMAE(Task):
 
         from cinema_jax.errors import ConfigError
 
-        name = str(config.data.get("source", "synthetic"))
+        name = str(get(config, "data.source"))
         if name in ("arrayrecord", "cinema_layout"):
-            from cinema_jax.data import datasets
+            from cinema_jax.data import sources
 
             if name == "arrayrecord":
-                return grain.MapDataset.source(datasets.arrayrecord_source(config.data, split))
-            cine = bool(config.data.get("cine", False))  # pretraining reads the cine files or ED/ES, not both
-            layout = {"root": config.data.get("root", ""), "views": self.views(config), "with_labels": False,
+                return grain.MapDataset.source(sources.arrayrecord_source(config.data, split))
+            cine = bool(get(config, "data.cine"))  # pretraining reads the cine files or ED/ES, not both
+            layout = {"root": get(config, "data.root"), "views": self.views(config), "with_labels": False,
                       "cine": cine, "edes": not cine}
-            return grain.MapDataset.source(datasets.cinema_layout_source(layout, split))
+            return grain.MapDataset.source(sources.cinema_layout_source(layout, split))
         if name != "synthetic":
             raise ConfigError(f"data.source={name!r} is unknown for pretraining; choose from synthetic, "
                               "arrayrecord, cinema_layout")
         n = dict(config.data.n_subjects)
         if split not in n:
             raise KeyError(split)
-        seed = int(config.data.get("phantom_seed", 0)) + SPLIT_SEED_OFFSET.get(split, 300_000)
+        seed = int(get(config, "data.phantom_seed")) + SPLIT_SEED_OFFSET.get(split, 300_000)
         return grain.MapDataset.source([{"seed": seed, "index": i} for i in range(int(n[split]))])
 
     def transform(self, record, rng: np.random.Generator, config, train: bool) -> dict[str, np.ndarray]:
         views = self.views(config)
-        if str(config.data.get("source", "synthetic")) == "synthetic":
+        if str(get(config, "data.source")) == "synthetic":
             images = self._phantom_frame(record, rng, config, train)
         else:
             images = self._record_frame(record, rng, config, train)
@@ -147,7 +148,8 @@ class PretrainMAE(Task):
 
     def _record_frame(self, record, rng, config, train: bool) -> dict[str, np.ndarray]:
         """The same frame of every view from a prepared record, at the configured spacing."""
-        from cinema_jax.data.datasets import frame_of, resample
+        from cinema_jax.data.arrayrecord import frame_of
+        from cinema_jax.data.layout import resample
         from cinema_jax.errors import DataError
 
         views = self.views(config)

@@ -13,9 +13,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from cinema_jax.config import get
 from cinema_jax.errors import DataError
 from cinema_jax.tasks.classify import StudyTask
-from cinema_jax.tasks.segment import _out_dir, cfg_get, write_eval_outputs
+from cinema_jax.tasks.common import eval_out_dir, write_eval_outputs
 
 
 class RegressTask(StudyTask):
@@ -27,12 +28,12 @@ class RegressTask(StudyTask):
         return 1
 
     def stats(self, config) -> tuple[float, float]:
-        return float(cfg_get(config, "data.target_mean", 0.0)), float(cfg_get(config, "data.target_std", 1.0))
+        return float(get(config, "data.target_mean")), float(get(config, "data.target_std"))
 
     def target(self, meta: dict, config, example: bool = False):
         if example:
             return np.float32(0.0)
-        col = str(cfg_get(config, "data.target", "lv_ef"))
+        col = str(get(config, "data.target"))
         if col not in meta:
             raise DataError(f"record has no '{col}' value for the regression target (data.target)")
         value = float(meta[col])
@@ -58,7 +59,7 @@ class RegressTask(StudyTask):
         if len(y):
             summary["mae_z"] = float(np.abs(out[:, 0] - y).mean())
         summary["n_samples"] = float(len(y))
-        out_dir = _out_dir(config, out_dir)
+        out_dir = eval_out_dir(config, out_dir)
         if out_dir:
             rows = [{**ids[i], "true": float(true[i]), "pred": float(pred[i])} for i in range(len(y))]
             write_eval_outputs(out_dir, rows, summary)

@@ -252,7 +252,8 @@ def check_params(params: Any, abstract: Any, where: Any) -> None:
     bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
     detail = (f"missing {missing[0]}" if missing else f"{bad[0]}: {have[bad[0]]} vs {want[bad[0]]}" if bad
               else f"unexpected {sorted(set(have) - set(want))[0]}")
-    raise CheckpointError(f"{where}: parameters do not match the model in its config ({detail})")
+    what = "shape mismatch: " if bad and not missing else ""
+    raise CheckpointError(f"{where}: {what}parameters do not match the model in its config ({detail})")
 
 
 def latest_step_dir(workdir: Path) -> Path | None:
@@ -283,19 +284,24 @@ def resolve(path: str | Path) -> tuple[str, Path]:
                           f"a checkpoints/<step> dir, or a params export with params/ and config.json)")
 
 
+def load_config(path: str | Path, require_config: bool = False) -> Any:
+    """The ConfigDict saved with a workdir (best, else latest step), a step dir or a params export, without reading
+    any params; empty when there is none, unless `require_config`."""
+    kind, where = resolve(path)
+    if kind == "params":
+        return _read_config(where / CONFIG_JSON, where.parent / CONFIG_JSON, required=require_config)
+    return _read_config(where.parent.parent / CONFIG_JSON, required=require_config)
+
+
 def load_params(path: str | Path, require_config: bool = False) -> tuple[Any, Any]:
     """(unboxed numpy params, ConfigDict) from a workdir (best, else latest step), a step dir or a params export.
 
     Without `require_config` a missing config.json gives an empty ConfigDict (the params alone are enough for
     `init_from` and exports)."""
     kind, where = resolve(path)
+    config = load_config(path, require_config)
     try:
-        if kind == "params":
-            config = _read_config(where / CONFIG_JSON, where.parent / CONFIG_JSON, required=require_config)
-            params = _numpy_restore(where / PARAMS)
-        else:
-            config = _read_config(where.parent.parent / CONFIG_JSON, required=require_config)
-            params = _numpy_restore(where / "state", "params")
+        params = _numpy_restore(where / PARAMS) if kind == "params" else _numpy_restore(where / "state", "params")
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - unreadable / foreign directories

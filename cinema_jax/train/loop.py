@@ -24,9 +24,9 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from cinema_jax.config import to_plain, validate_common
+from cinema_jax.config import get, to_plain, validate_common
 from cinema_jax.data import pipeline
-from cinema_jax.errors import CheckpointError, CinemaError, ConfigError
+from cinema_jax.errors import CinemaError, ConfigError
 from cinema_jax.fileutil import clean_json, ensure_dir, write_json_atomic, write_text_atomic
 from cinema_jax.tasks import get_task
 from cinema_jax.train import checkpoint as ckpt
@@ -35,6 +35,7 @@ from cinema_jax.train import workdir as run_dir
 from cinema_jax.train.logging import MetricsWriter, progress_bar
 from cinema_jax.train.preemption import Preempted, PreemptionWatch
 from cinema_jax.train.prefetch import DevicePrefetch
+from cinema_jax.train.restore import load_run, model_init
 from cinema_jax.train.state import make_optimizer, new_state
 
 
@@ -88,10 +89,6 @@ def _local_mesh_context():
     return jax.set_mesh(mesh)
 
 
-def _cfg(config, key, default):
-    return config[key] if key in config else default
-
-
 def _first_line(err: BaseException) -> str:
     text = str(err)
     return text.splitlines()[0] if text else ""
@@ -111,35 +108,29 @@ def _building(what: str):
         raise ConfigError(f"{cause}: {type(e).__name__}: {_first_line(e)}") from None
 
 
-def _model_init(task, model, config):
-    """`init(key) -> boxed params` on a batch of one, with every rng a task's model may ask for."""
-    inputs = task.model_inputs(task.example_batch(config, 1))
-
-    def init(key):
-        k = jax.random.split(key, 4)
-        variables = model.init({"params": k[0], "mask": k[1], "dropout": k[2], "droppath": k[3]}, **inputs,
-                               train=False)
-        return variables["params"]
-
-    return init
-
-
 # ------------------------------------------------------------------------------------------------ setup
 class Setup:
-    """Everything `train` and the tests need: task, model, mesh, shardings, optimizer, jitted step."""
+    """Everything `train`, `bench` and the tests need: task, model, mesh, shardings, optimizer, jitted step.
+
+    Planned before anything is allocated (big_vision's `train.py`): the constructor works out param shapes with
+    `jax.eval_shape`, their shardings from the logical-axis rules, the optimizer and its state's shapes and
+    shardings, i.e. `abstract_state`. `make_step` (and compiling it, e.g. for memory analysis) needs only that plan;
+    `init_state` allocates the state directly onto its shardings."""
 
     def __init__(self, config, mesh=None):
         self.config = config
-        self.task = get_task(config.task)
-        if hasattr(self.task, "configure"):
-            self.task.configure(config)
-        self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
-        self.grad_accum = int(_cfg(config, "grad_accum", 1))
-        shd.check_batch_divisible(int(config.batch_size), self.mesh, self.grad_accum)
-        self.model = self.task.make_model(config)
+        with _building("model"):
+            self.task = get_task(config.task).configure(config)
+            self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
+            self.grad_accum = int(get(config, "grad_accum"))
+            shd.check_batch_divisible(int(config.batch_size), self.mesh, self.grad_accum)
+            self.model = self.task.make_model(config)
         self.rules = shd.LOGICAL_RULES
         self.batch_sharding = shd.batch_sharding(self.mesh)
         self.rep = shd.replicated(self.mesh)
+        self.init_key, self.train_key = jax.random.split(jax.random.key(int(config.seed)))
+        with _building("initial state"), self.context():
+            self._plan()
 
     def context(self):
         """Mesh + logical-axis rules context (activation constraints in the models resolve against it)."""
@@ -148,38 +139,38 @@ class Setup:
         stack.enter_context(nn.logical_axis_rules(self.rules))
         return stack
 
-    def _init_fn(self):
-        return _model_init(self.task, self.model, self.config)
-
-    def init_state(self) -> dict:
-        """Sharded train state at step 0 (params from init or `config.init_from`'s encoder)."""
-        config = self.config
-        key = jax.random.key(int(config.seed))
-        init_key, train_key = jax.random.split(key)
-        init = self._init_fn()
-        boxed = jax.eval_shape(init, init_key)
+    def _plan(self) -> None:
+        """Shapes -> shardings -> optimizer -> abstract state, from `jax.eval_shape` only (no memory)."""
+        self._init = model_init(self.task, self.model, self.config)
+        boxed = jax.eval_shape(self._init, self.init_key)
         self.param_shardings = shd.param_shardings(boxed, self.mesh, self.rules)
         self.abstract_params = shd.strip_boxes(boxed)
-        params = jax.jit(lambda k: shd.strip_boxes(init(k)), out_shardings=self.param_shardings)(init_key)
-        init_from = str(_cfg(config, "init_from", "") or "")
+        self.tx, self.schedule = make_optimizer(self.config, self.abstract_params)
+        self.opt_shardings = shd.opt_state_shardings(self.tx, self.abstract_params, self.param_shardings, self.mesh)
+        self.state_shardings = {"step": self.rep, "params": self.param_shardings, "opt_state": self.opt_shardings,
+                                "rng": self.rep}
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": self.abstract_params,
+                  "opt_state": jax.eval_shape(self.tx.init, self.abstract_params),
+                  "rng": jax.eval_shape(jax.random.key_data, self.train_key)}
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings)
+
+    def init_state(self) -> dict:
+        """Sharded train state at step 0 (params from init or `config.init_from`'s encoder), allocated directly
+        onto the planned shardings."""
+        init = self._init
+        params = jax.jit(lambda k: shd.strip_boxes(init(k)), out_shardings=self.param_shardings)(self.init_key)
+        init_from = str(get(self.config, "init_from"))
         if init_from:
             from cinema_jax.models.transfer import load_encoder
 
             pretrained, _ = ckpt.load_params(init_from)
             host = load_encoder(pretrained, to_host(params))
             params = _put_global(host, self.param_shardings)
-        self.tx, self.schedule = make_optimizer(config, self.abstract_params)
-        self.opt_shardings = shd.opt_state_shardings(self.tx, self.abstract_params, self.param_shardings, self.mesh)
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-        step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key_data(train_key)),
+        step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key_data(self.train_key)),
                             out_shardings=(self.rep, self.rep))()
-        state = new_state(params, opt_state, rng)
-        state["step"] = step
-        self.state_shardings = {"step": self.rep, "params": self.param_shardings, "opt_state": self.opt_shardings,
-                                "rng": self.rep}
-        self.abstract_state = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, self.state_shardings)
-        return state
+        return new_state(params, opt_state, rng) | {"step": step}
 
     def make_step(self):
         task, model, tx, schedule, accum = self.task, self.model, self.tx, self.schedule, self.grad_accum
@@ -347,8 +338,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     with ExitStack() as cleanup:
         if main:
             _own_run(workdir, config, cleanup)
-        with _building("model"):
-            setup = Setup(config)
+        setup = Setup(config)  # ConfigError for a config that builds no model / state (`_building`)
         cleanup.enter_context(setup.context())
         return _train(setup, config, workdir, main, cleanup)
 
@@ -356,16 +346,16 @@ def train(config, workdir: str | os.PathLike) -> dict:
 def _train(setup: Setup, config, workdir: Path, main: bool, cleanup: ExitStack) -> dict:
     task = setup.task
     total = int(config.total_steps)
-    log_every = int(_cfg(config, "log_every", 0))
-    ckpt_every = int(_cfg(config, "checkpoint_every", 0))
-    eval_every = int(_cfg(config, "eval_every", 0))
-    image_every = int(_cfg(config, "image_every", 0))
-    es = to_plain(_cfg(config, "early_stopping", {})) or {}
+    log_every = int(get(config, "log_every"))
+    ckpt_every = int(get(config, "checkpoint_every"))
+    eval_every = int(get(config, "eval_every"))
+    image_every = int(get(config, "image_every"))
+    es = to_plain(get(config, "early_stopping")) or {}
     es_metric = es.get("metric") or task.eval_metric
     es_mode = es.get("mode") or task.eval_mode
     patience = int(es.get("patience", 0) or 0)
     min_delta = float(es.get("min_delta", 0.0) or 0.0)
-    on_nonfinite = str(_cfg(config, "on_nonfinite", "stop"))
+    on_nonfinite = str(get(config, "on_nonfinite"))
 
     with _building("initial state"):
         state = setup.init_state()
@@ -376,9 +366,9 @@ def _train(setup: Setup, config, workdir: Path, main: bool, cleanup: ExitStack) 
     with _building("data pipeline"):
         data_iter = DevicePrefetch(pipeline.train_iterator(task, config, block, n_blocks),
                                    lambda b: shd.shard_batch(b, setup.batch_sharding),
-                                   int(_cfg(config.data, "device_prefetch", 2) or 1))
+                                   int(get(config, "data.device_prefetch")))
     cleanup.callback(data_iter.close)
-    manager = ckpt.make_manager(workdir, int(_cfg(config, "keep_checkpoints", 3)))
+    manager = ckpt.make_manager(workdir, int(get(config, "keep_checkpoints")))
     cleanup.callback(manager.close)
     cleanup.callback(manager.wait_until_finished)
     meta = {"best": None, "bad_evals": 0, "stopped": False}
@@ -395,7 +385,7 @@ def _train(setup: Setup, config, workdir: Path, main: bool, cleanup: ExitStack) 
     if image_every and main:
         # the first eval batch (same shapes as eval: the task's jitted forward is reused, no extra compile)
         vis_batch = next(iter(pipeline.eval_batches(task, config, "val")), None)
-    images_per_sample = int(task.images_per_sample(config)) if hasattr(task, "images_per_sample") else 1
+    images_per_sample = int(task.images_per_sample(config))
     bar = progress_bar(total, start, main)
     cleanup.callback(bar.close)
     guard = _Guard(on_nonfinite, meta, workdir)
@@ -467,20 +457,8 @@ def _train(setup: Setup, config, workdir: Path, main: bool, cleanup: ExitStack) 
 def evaluate_workdir(workdir: str | os.PathLike, split: str = "val") -> dict[str, float]:
     """Evaluate a run's best (else latest) params on `split`; writes `<workdir>/eval_<split>.json`."""
     workdir = Path(workdir).absolute()
-    params, config = ckpt.load_params(workdir, require_config=True)
-    if "task" not in config:
-        raise ConfigError(f"{workdir}/config.json has no 'task'")
-    task = get_task(config.task)
-    try:
-        if hasattr(task, "configure"):
-            task.configure(config)
-        model = task.make_model(config)
-        abstract = jax.eval_shape(_model_init(task, model, config), jax.random.key(0))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{workdir}: its config does not build a model ({type(e).__name__}: "
-                              f"{_first_line(e)})") from None
-    ckpt.check_params(params, shd.strip_boxes(abstract), workdir)
-    metrics = task.evaluate(model, params, pipeline.eval_batches(task, config, split), config)
+    run = load_run(workdir, require_config=True)
+    metrics = run.task.evaluate(run.model, run.params, pipeline.eval_batches(run.task, run.config, split), run.config)
     metrics = {k: float(v) for k, v in dict(metrics or {}).items()}
     write_json_atomic(workdir / f"eval_{split}.json", {"split": split, **metrics})
     print(json.dumps(clean_json({"split": split, **metrics})))

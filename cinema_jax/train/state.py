@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from cinema_jax.config import get
+
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "token")
 
 
@@ -26,7 +28,7 @@ def lr_schedule(optim, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr` over `warmup_steps`, then half-cycle cosine to `min_lr` at `total_steps`."""
     lr, min_lr = float(optim.lr), float(optim.min_lr)
     warmup = int(optim.warmup_steps)
-    schedule = str(optim.get("schedule", "cosine"))
+    schedule = str(get(optim, "schedule"))
     if schedule == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)],
                                     [max(warmup, 1)]) if warmup > 0 else optax.constant_schedule(lr)
@@ -57,7 +59,7 @@ def _encoder_mask(params: Any) -> Any:
 
 def lr_multipliers(params: Any, optim, freeze_encoder: bool = False) -> Any | None:
     """Per-parameter lr multiplier tree, or None when every multiplier is 1."""
-    layer_decay = float(optim.get("layer_decay", 0.0) or 0.0)
+    layer_decay = float(get(optim, "layer_decay"))
     flat = flatten_dict(params)
     scales = {p: 1.0 for p in flat}
     if layer_decay > 0:
@@ -96,15 +98,15 @@ def make_optimizer(config, params: Any) -> tuple[optax.GradientTransformation, o
     optim = config.optim
     schedule = lr_schedule(optim, int(config.total_steps))
     parts = []
-    clip = float(optim.get("clip_norm", 0.0) or 0.0)
+    clip = float(get(config, "optim.clip_norm"))
     if clip > 0:
         parts.append(optax.clip_by_global_norm(clip))
-    parts.append(optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.get("eps", 1e-8))))
-    wd = float(optim.get("weight_decay", 0.0) or 0.0)
+    parts.append(optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(get(config, "optim.eps"))))
+    wd = float(get(config, "optim.weight_decay"))
     if wd > 0:
         parts.append(optax.add_decayed_weights(wd, mask=decay_mask(params)))
     parts.append(optax.scale_by_learning_rate(schedule))
-    mult = lr_multipliers(params, optim, bool(config.get("freeze_encoder", False)))
+    mult = lr_multipliers(params, optim, bool(get(config, "freeze_encoder")))
     if mult is not None:
         parts.append(scale_by_tree(mult))
     return optax.chain(*parts), schedule

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from cinema_jax.config import load_base
-from cinema_jax.data import datasets as D
-from cinema_jax.data import pipeline
+from cinema_jax.data import pipeline, sunnybrook
+from cinema_jax.data.arrayrecord import write_arrayrecord
+from cinema_jax.data.h5cases import H5CaseSource
 from cinema_jax.data.io import Volume
+from cinema_jax.data.layout import LV, CinemaLayoutSource
 from cinema_jax.errors import ConfigError, DataError
 from cinema_jax.tasks import get_task
 
@@ -65,7 +67,7 @@ def test_classify_and_landmark_refuse_bad_frames():
     rec = _record(sax_es=np.full((24, 24, 3), np.inf, np.float32), sax_es_gt=None, pathology="NOR")
     with pytest.raises(DataError, match="NaN/Inf"):
         get_task("classify").transform(rec, np.random.default_rng(0), c, True)
-    from cinema_jax.tasks.segment import load_frame
+    from cinema_jax.tasks.common import load_frame
 
     rec = _record(sax_ed_landmarks=np.zeros((2, 2), np.float32))
     with pytest.raises(DataError, match=r"\(3, 2\)"):
@@ -103,11 +105,11 @@ def test_layout_label_values_outside_classes_stop_training_and_eval(tmp_path):
 
 def test_arrayrecord_nan_image_stops_training(tmp_path):
     _layout(tmp_path / "layout")
-    src = D.CinemaLayoutSource(tmp_path / "layout", "train")
+    src = CinemaLayoutSource(tmp_path / "layout", "train")
     recs = [dict(src[i]) for i in range(len(src))]
     recs[0]["sax_es"] = np.full_like(recs[0]["sax_es"], np.nan)
     recs[1]["sax_es"] = recs[0]["sax_es"]
-    D.write_arrayrecord(tmp_path / "ar" / "train.array_record", recs)
+    write_arrayrecord(tmp_path / "ar" / "train.array_record", recs)
     c = _seg_config(source="arrayrecord", path=str(tmp_path / "ar"))
     it = pipeline.train_iterator(get_task("segment"), c)
     with pytest.raises(DataError, match="NaN/Inf"):
@@ -132,10 +134,10 @@ def _h5(path, image, gmap=None):
 def test_h5_all_zero_image_and_empty_gmap_are_data_errors(tmp_path):
     _h5(tmp_path / "zero.h5", np.zeros((16, 16, 4), np.complex64))
     with pytest.raises(DataError, match="all zero"):
-        D.H5CaseSource([tmp_path / "zero.h5"])[0]
+        H5CaseSource([tmp_path / "zero.h5"])[0]
     _h5(tmp_path / "g0.h5", np.ones((16, 16, 4), np.complex64), np.ones((16, 16, 1, 0), np.float32))
     with pytest.raises(DataError, match="'gmap' must be"):
-        D.H5CaseSource([tmp_path / "g0.h5"])[0]
+        H5CaseSource([tmp_path / "g0.h5"])[0]
 
 
 def test_h5_all_zero_case_stops_denoise_training(tmp_path):
@@ -149,17 +151,17 @@ def test_h5_all_zero_case_stops_denoise_training(tmp_path):
 def test_sunnybrook_contour_off_the_image_is_a_data_error(tmp_path, monkeypatch):
     files = [[f"{z * 3 + t + 1}.dcm" for t in range(3)] for z in range(2)]
     vol = Volume(np.ones((16, 16, 2, 3), np.float32), (1.0, 1.0, 8.0), np.eye(4), {"files": files})
-    monkeypatch.setattr(D, "read_dicom_series", lambda path: vol)
+    monkeypatch.setattr(sunnybrook, "read_dicom_series", lambda path: vol)
     sub = tmp_path / "SCD1"
     (sub / "dicom").mkdir(parents=True)
     (sub / "contours").mkdir()
     square = "4 4\n12 4\n12 12\n4 12\n"
     for num in (1, 2, 4, 5):
         (sub / "contours" / f"IM-0001-{num:04d}-icontour-manual.txt").write_text(square)
-    assert D.load_sunnybrook(tmp_path)[0].ed_label.max() == D.LV
+    assert sunnybrook.load_sunnybrook(tmp_path)[0].ed_label.max() == LV
     (sub / "contours" / "IM-0001-0005-icontour-manual.txt").write_text("400 400\n410 400\n410 410\n")
     with pytest.raises(DataError, match="outside the 16x16 image"):
-        D.load_sunnybrook(tmp_path)
+        sunnybrook.load_sunnybrook(tmp_path)
 
 
 def test_mae_record_with_nan_spacing_is_a_data_error():
@@ -173,7 +175,7 @@ def test_mae_record_with_nan_spacing_is_a_data_error():
 
 
 def test_empty_arrayrecord_split_is_a_data_error_naming_the_file(tmp_path):
-    D.write_arrayrecord(tmp_path / "train.array_record", [])
+    write_arrayrecord(tmp_path / "train.array_record", [])
     c = _seg_config(source="arrayrecord", path=str(tmp_path))
     with pytest.raises(DataError, match=r"training source is empty: .*train\.array_record"):
         pipeline.train_dataset(get_task("segment"), c)

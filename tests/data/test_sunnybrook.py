@@ -3,14 +3,15 @@
 import numpy as np
 import pytest
 
-from cinema_jax.data import datasets as D
 from cinema_jax.data.io import read_dicom_series
+from cinema_jax.data.layout import label_volumes_ml
+from cinema_jax.data.sunnybrook import SunnybrookSource, load_sunnybrook, polygon_mask, read_contour
 from cinema_jax.errors import DataError
 
 
 @pytest.fixture(scope="module")
 def subjects(sunnybrook_dir):
-    return D.load_sunnybrook(sunnybrook_dir)
+    return load_sunnybrook(sunnybrook_dir)
 
 
 def test_cine_volumes_load_sorted(subjects, sunnybrook_dir):
@@ -50,22 +51,22 @@ def test_physiological_volumes_and_ef(subjects):
         assert 20 < v["lv_esv"] < v["lv_edv"], (s.pid, v)
         assert 15 < v["lv_ef"] < 85, (s.pid, v)
         # myocardial volume on the annotated slices at ED: physiological mass range (1.05 g/mL)
-        myo_ml = D.label_volumes_ml(s.ed_label[:, :, list(s.annotated_slices)], s.spacing)["myo"]
+        myo_ml = label_volumes_ml(s.ed_label[:, :, list(s.annotated_slices)], s.spacing)["myo"]
         assert 50 < myo_ml * 1.05 < 300
 
 
 def test_sunnybrook_source_volume_and_slice(sunnybrook_dir):
-    src = D.SunnybrookSource(sunnybrook_dir, mode="volume", subjects=["SCD0000301"])
+    src = SunnybrookSource(sunnybrook_dir, mode="volume", subjects=["SCD0000301"])
     assert len(src) == 2
     item = src[0]
     assert item["phase"] == "ed" and item["sax"].shape == (256, 256, 10) and item["sax_gt"].dtype == np.uint8
     assert 0 <= item["sax"].min() and item["sax"].max() <= 1 and item["annotated"].sum() >= 8
     assert "SunnybrookSource(" in repr(src) and "0x" not in repr(src)
-    pre = D.SunnybrookSource(sunnybrook_dir, mode="volume", preprocess=True, subjects=["SCD0000301"])[0]
+    pre = SunnybrookSource(sunnybrook_dir, mode="volume", preprocess=True, subjects=["SCD0000301"])[0]
     assert pre["sax"].shape[:2] == (192, 192)
     np.testing.assert_allclose(pre["sax_spacing"], (1, 1, 10))
     assert pre["sax"][pre["sax_gt"] == 3].mean() > pre["sax"].mean()
-    slices = D.SunnybrookSource(sunnybrook_dir, mode="slice", subjects=["SCD0000301"])
+    slices = SunnybrookSource(sunnybrook_dir, mode="slice", subjects=["SCD0000301"])
     assert len(slices) == 2 * int(item["annotated"].sum())
     s0 = slices[0]
     assert s0["sax"].shape == (256, 256) and (s0["sax_gt"] == 3).any()
@@ -73,13 +74,13 @@ def test_sunnybrook_source_volume_and_slice(sunnybrook_dir):
 
 def test_sunnybrook_bad_inputs(tmp_path, sunnybrook_dir):
     with pytest.raises(DataError, match="not found"):
-        D.load_sunnybrook(tmp_path / "none")
+        load_sunnybrook(tmp_path / "none")
     with pytest.raises(DataError, match="SCD9"):
-        D.load_sunnybrook(sunnybrook_dir, subjects=["SCD9"])
+        load_sunnybrook(sunnybrook_dir, subjects=["SCD9"])
     bad = tmp_path / "IM-0001-0048-icontour-manual.txt"
     bad.write_text("1 2\nthree four\n")
     with pytest.raises(DataError, match="IM-0001-0048-icontour-manual.txt"):
-        D.read_contour(bad)
+        read_contour(bad)
     # a single DICOM file of the real series reads as a 1-slice, 1-frame volume
     vol = read_dicom_series([sunnybrook_dir / "SCD0000101" / "dicom" / "1.dcm"])
     assert vol.array.shape == (256, 256, 1, 1)
@@ -87,5 +88,5 @@ def test_sunnybrook_bad_inputs(tmp_path, sunnybrook_dir):
 
 def test_polygon_mask_square():
     pts = np.array([[2.0, 2.0], [6.0, 2.0], [6.0, 5.0], [2.0, 5.0]])
-    mask = D.polygon_mask(pts, (10, 8))
+    mask = polygon_mask(pts, (10, 8))
     assert mask.sum() == 4 * 3 and mask[2, 2] and not mask[6, 2]  # half-open even-odd rule

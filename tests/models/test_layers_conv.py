@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cinema_jax.models.layers import _CONV_DIMS, Conv
+from cinema_jax.models.conv_cpu import CONV_DIMS as _CONV_DIMS
+from cinema_jax.models.layers import Conv
 
 
 def _reference(x, w, b, strides, padding, groups):

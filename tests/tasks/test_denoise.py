@@ -162,7 +162,7 @@ def _cut_out_shape(sample):
 
 @pytest.mark.parametrize("on_device", [True, False])
 def test_h5_cases_use_their_own_gmaps(tmp_path, on_device):
-    from cinema_jax.data.datasets import H5CaseSource
+    from cinema_jax.data.h5cases import H5CaseSource
 
     (tmp_path / "train").mkdir()
     _write_h5(tmp_path / "train" / "a.h5")

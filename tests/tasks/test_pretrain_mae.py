@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cinema_jax.config import load_config
-from cinema_jax.data import datasets
+from cinema_jax.data import synthetic
 from cinema_jax.errors import CinemaError, ConfigError, DataError
 from cinema_jax.tasks.pretrain_mae import PretrainMAE, phantom_config
 
@@ -23,7 +23,7 @@ def no_zoom(cfg):
 def test_cine_records_match_the_phantom_frame(tmp_path):
     """An ArrayRecord written from the phantom (uint8 on disk) gives the sample the phantom renders on the fly."""
     cfg = smoke()
-    datasets.write_synthetic_dataset(tmp_path / "ds", n_subjects=3, seed=7, cfg=phantom_config(cfg), cine=True)
+    synthetic.write_synthetic_dataset(tmp_path / "ds", n_subjects=3, seed=7, cfg=phantom_config(cfg), cine=True)
     rec_cfg = smoke(**{"data.source": "arrayrecord", "data.path": str(tmp_path / "ds")})
     src = TASK.source(rec_cfg, "train")
     assert len(src) == 2 and len(TASK.source(rec_cfg, "val")) == 1
@@ -180,36 +180,37 @@ def test_layout_source_for_pretraining(tmp_path):
 
 
 def test_pack_layout_gives_the_same_samples(tmp_path):
-    from cinema_jax.data import datasets as D
+    from cinema_jax.data.arrayrecord import FrameStack
+    from cinema_jax.data.layout import pack_layout
 
     root = _write_layout(tmp_path / "layout")
-    assert D.pack_layout(root, tmp_path / "packed", with_labels=False) == {"train": 2, "val": 1}
+    assert pack_layout(root, tmp_path / "packed", with_labels=False) == {"train": 2, "val": 1}
     assert (tmp_path / "packed" / "train.frames.array_record").is_file()
     layout_cfg = smoke(**{"data.source": "cinema_layout", "data.root": str(root), "data.cine": True})
     packed_cfg = smoke(**{"data.source": "arrayrecord", "data.path": str(tmp_path / "packed")})
     layout, packed = TASK.source(layout_cfg, "train"), TASK.source(packed_cfg, "train")
     rec = packed[1]
-    assert isinstance(rec["sax_t"], D.FrameStack) and "sax_ed" in rec and "sax_ed_gt" not in rec
+    assert isinstance(rec["sax_t"], FrameStack) and "sax_ed" in rec and "sax_ed_gt" not in rec
     for seed in range(3):  # zoom on: the same draws, the same arithmetic, uint8 data stored exactly
         a = TASK.transform(layout[1], np.random.default_rng(seed), layout_cfg, True)
         b = TASK.transform(rec, np.random.default_rng(seed), packed_cfg, True)
         for view in a:
             np.testing.assert_allclose(b[view], a[view], atol=1e-6, err_msg=view)
     with pytest.raises(CinemaError, match="exists"):
-        D.pack_layout(root, tmp_path / "packed")
+        pack_layout(root, tmp_path / "packed")
 
 
 def test_pack_layout_refuses_what_uint8_would_corrupt(tmp_path):
-    from cinema_jax.data import datasets as D
+    from cinema_jax.data.layout import pack_layout
 
     hot = _write_layout(tmp_path / "hot", splits=(("train", ("p1",)),), float_scale=300.0)
     with pytest.raises(DataError, match=r"p1_sax_ed.nii.gz: intensities span \[0, 300\]"):
-        D.pack_layout(hot, tmp_path / "out", with_labels=False)
+        pack_layout(hot, tmp_path / "out", with_labels=False)
     ragged = _write_layout(tmp_path / "ragged", splits=(("train", ("p1",)),), n_frames=(6, 6, 5, 6))
     with pytest.raises(DataError, match="different frame counts"):
-        D.pack_layout(ragged, tmp_path / "out", edes=False)
+        pack_layout(ragged, tmp_path / "out", edes=False)
     with pytest.raises(DataError, match="not a CineMA layout"):
-        D.pack_layout(tmp_path, tmp_path / "out")
+        pack_layout(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -218,7 +219,7 @@ def test_record_stream_resumes_exactly_and_ignores_worker_count(tmp_path):
     processes (records decoded there, FrameStacks never pickled) give the in-process batches."""
     from cinema_jax.data import pipeline
 
-    datasets.write_synthetic_dataset(tmp_path / "ds", n_subjects=7, seed=2, cfg=phantom_config(smoke()), cine=True)
+    synthetic.write_synthetic_dataset(tmp_path / "ds", n_subjects=7, seed=2, cfg=phantom_config(smoke()), cine=True)
     cfg = smoke(**{"data.source": "arrayrecord", "data.path": str(tmp_path / "ds"), "batch_size": 2})
     it = pipeline.train_iterator(TASK, cfg, worker_count=0)
     ref = [next(it) for _ in range(5)]  # 5 subjects per epoch: crosses into the second epoch
@@ -242,7 +243,7 @@ def test_pretraining_runs_on_an_arrayrecord_dataset(tmp_path):
     from cinema_jax.train.loop import train
 
     cfg = smoke()
-    datasets.write_synthetic_dataset(tmp_path / "ds", n_subjects=10, seed=1, cfg=phantom_config(cfg), cine=True)
+    synthetic.write_synthetic_dataset(tmp_path / "ds", n_subjects=10, seed=1, cfg=phantom_config(cfg), cine=True)
     run = smoke(**{"data.source": "arrayrecord", "data.path": str(tmp_path / "ds"), "batch_size": 4,
                    "total_steps": 2, "log_every": 1, "eval_every": 2, "image_every": 0, "checkpoint_every": 0,
                    "mesh.data": 1, "data.views": "('sax', 'lax_4c')"})

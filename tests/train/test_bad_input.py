@@ -243,7 +243,7 @@ def test_corrupt_checkpoint_fails_cleanly(tmp_path, damage):
 def test_cli_data_error_after_logging_started_leaves_no_atexit_traceback(tmp_path):
     # the train split reads, the val split (the first picture's batch, fetched once the TensorBoard writer is open)
     # is missing: the writer must still be closed, or its atexit hook prints a traceback after the error line
-    from cinema_jax.data.datasets import write_synthetic_dataset
+    from cinema_jax.data.synthetic import write_synthetic_dataset
 
     write_synthetic_dataset(tmp_path / "ds", n_subjects=2, seed=0)
     for p in (tmp_path / "ds").glob("val.*"):

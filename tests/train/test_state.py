@@ -20,7 +20,7 @@ PARAMS = {
 
 
 def optim(**over):
-    base = dict(lr=1e-3, min_lr=1e-6, warmup_steps=10, weight_decay=0.05, b1=0.9, b2=0.95, clip_norm=5.0,
+    base = dict(lr=1e-3, min_lr=1e-6, warmup_steps=10, weight_decay=0.05, b1=0.9, b2=0.95, eps=1e-8, clip_norm=5.0,
                 layer_decay=0.0, schedule="cosine")
     base.update(over)
     return ml_collections.ConfigDict(base)

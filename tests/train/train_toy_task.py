@@ -120,9 +120,11 @@ def toy_config(over: dict | None = None) -> ml_collections.ConfigDict:
         task="toy_regress", seed=0, total_steps=12, batch_size=16, log_every=1, checkpoint_every=4, eval_every=0,
         image_every=0, keep_checkpoints=2, mesh=dict(data=-1, fsdp=1, tensor=1), precision="float32", remat="none",
         grad_accum=1, eval_batch_size=0, on_nonfinite="stop",
-        optim=dict(lr=1e-2, min_lr=1e-4, warmup_steps=2, weight_decay=0.05, b1=0.9, b2=0.95, clip_norm=5.0,
+        optim=dict(lr=1e-2, min_lr=1e-4, warmup_steps=2, weight_decay=0.05, b1=0.9, b2=0.95, eps=1e-8, clip_norm=5.0,
                    layer_decay=0.0, schedule="cosine"),
-        model=dict(width=16, dropout=0.1), data=dict(n=dict(train=64, val=16, test=16), worker_count=0),
+        model=dict(width=16, dropout=0.1),
+        data=dict(n=dict(train=64, val=16, test=16), worker_count=0, read_threads=1, prefetch=2, worker_buffer=1,
+                  device_prefetch=2),
         init_from="", freeze_encoder=False,
         early_stopping=dict(metric="mse", mode="min", patience=0, min_delta=0.0),
     ))
